@@ -1,0 +1,454 @@
+"""Supervised fine-tuning of a Pythia (GPT-NeoX) model on TL;DR query + reference summary.
+
+    accelerate launch sft.py                                     # the paper: Pythia-1B, real TL;DR data
+    accelerate launch --config_file deepspeed_zero2.yaml sft.py --base_model EleutherAI/pythia-6.9b-deduped
+    python sft.py --preset embedded                              # the embedded offline task on CPU
+
+Reads the data set built by `tldr_dataset.py`. Writes to `--output_dir`: the model and tokenizer
+(`save_pretrained`), args.json, metrics.json, metrics.jsonl (per update), eval_samples.jsonl, and
+`checkpoint/` (every `--save_every` updates; `--resume` continues from it).
+"""
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+from accelerate import Accelerator
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+console = Console()
+
+
+@dataclass
+class Args:
+    preset: str = "paper"
+    """`paper` (the defaults below) or `embedded` (the offline task on CPU); explicit flags override it"""
+    exp_name: str = "sft"
+    seed: int = 1
+    base_model: str = "EleutherAI/pythia-1b-deduped"
+    dataset_path: str = "data/tldr"
+    """folder written by tldr_dataset.py (holds sft/, preference/, meta.json)"""
+    output_dir: str = "models/sft_pythia-1b-deduped"
+    lr: float = 3e-6
+    """Detail 8: one learning rate for SFT, RM, PPO and DPO"""
+    eps: float = 1e-5
+    """Detail 8: AdamW epsilon"""
+    total_batch_size: int = 128
+    """Detail 12: episodes per update over all processes (= per_device_batch_size x accumulation x processes)"""
+    per_device_batch_size: int = 16
+    num_epochs: int = 1
+    loss_on_query: bool = True
+    """Detail 12: as released, the query tokens are in the loss too; False restricts it to the response"""
+    bf16: bool = True
+    """mixed precision bf16 where there is a GPU (ignored on CPU)"""
+    eval_every: int = 100
+    """validation loss every N updates (0: only at the end)"""
+    num_eval_samples: int = 256
+    """validation queries sampled at the end (Detail 13), judged by the gold judge on the embedded task"""
+    eval_batch_size: int = 32
+    response_length: int = 53
+    """Detail 13: exactly this many new tokens at evaluation"""
+    eval_temperature: float = 0.01
+    """Detail 13: near-greedy evaluation sampling"""
+    max_val_batches: Optional[int] = None
+    """cap on validation-loss batches (None: the whole split)"""
+    gold_task_dir: Optional[str] = None
+    """the embedded task folder: enables the hidden gold judge's win rates"""
+    eval_base: bool = True
+    """also sample the base model before training and judge it (base_gold_win_rate)"""
+    save_every: int = 200
+    """checkpoint every N updates (0: never)"""
+    resume: bool = False
+    """continue from `{output_dir}/checkpoint`"""
+    track: bool = False
+    """log to wandb (WANDB_MODE=offline works without network)"""
+    wandb_project: str = "tldr-rlhf"
+
+
+PRESETS = {
+    "paper": Args(),
+    "embedded": Args(
+        preset="embedded",
+        base_model="runs/quickstart/task/base-m",
+        dataset_path="runs/quickstart/dataset",
+        output_dir="runs/quickstart/sft",
+        lr=1e-3,  # tiny models from a brief pre-training need a far larger step than Pythia's 3e-6
+        total_batch_size=32,
+        per_device_batch_size=16,
+        eval_every=50,
+        num_eval_samples=200,
+        eval_batch_size=50,
+        max_val_batches=8,
+        gold_task_dir="runs/quickstart/task",
+        save_every=100,
+    ),
+}
+
+
+def parse_args(argv=None) -> Args:
+    argv = sys.argv[1:] if argv is None else argv
+    name = "paper"
+    for i, a in enumerate(argv):
+        if a == "--preset" and i + 1 < len(argv):
+            name = argv[i + 1]
+        elif a.startswith("--preset="):
+            name = a.split("=", 1)[1]
+    if name not in PRESETS:
+        raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {name!r}")
+    return tyro.cli(Args, default=PRESETS[name], args=argv)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------
+def disable_dropout(model: nn.Module):
+    # Detail 7: every dropout probability is 0 (config fields and the modules themselves).
+    for key, value in vars(model.config).items():
+        if (key.endswith("dropout") or key.endswith("pdrop")) and isinstance(value, float):
+            setattr(model.config, key, 0.0)
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for key, value in vars(module).items():  # e.g. attention modules keep `attention_dropout` as a float
+            if key.endswith("dropout") and isinstance(value, float):
+                setattr(module, key, 0.0)
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    # Detail 3: a dedicated [PAD] token, never EOS.
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+    return tokenizer
+
+
+def load_policy(path: str, tokenizer, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    # Detail 3: Pythia's embedding already has spare rows for [PAD]; a smaller one is resized.
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    disable_dropout(model)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def forward(model, ids: torch.Tensor, pad_id: int, **kwargs):
+    # Detail 3: attention mask from the pad id, pads replaced by a valid id before the embedding.
+    mask = ids != pad_id
+    # Detail 11: positions count real tokens only, so left padding does not shift them.
+    position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    return model(input_ids=ids.masked_fill(~mask, 0), attention_mask=mask.long(), position_ids=position_ids, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loss and evaluation
+# ----------------------------------------------------------------------------------------------------
+def sft_labels(ids: torch.Tensor, pad_id: int, query_lens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    # Detail 12: next-token cross-entropy; pad positions are ignored (label -100).
+    labels = ids.masked_fill(ids == pad_id, -100)
+    if query_lens is not None:  # Detail 12 switch: only the response tokens in the loss
+        positions = torch.arange(ids.shape[1], device=ids.device)[None]
+        labels = labels.masked_fill(positions < query_lens[:, None], -100)
+    return labels
+
+
+def sft_loss(model, ids: torch.Tensor, pad_id: int, query_lens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    labels = sft_labels(ids, pad_id, query_lens)
+    logits = forward(model, ids, pad_id).logits[:, :-1].float()
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+
+
+def trim_right(ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Drops the all-pad columns on the right (right-padded batch): same losses, less compute."""
+    real = (ids != pad_id).any(0).nonzero()
+    return ids[:, : int(real.max()) + 1] if len(real) else ids
+
+
+def trim_left(ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Drops the all-pad columns on the left (left-padded queries); positions come from the mask (Detail 11)."""
+    real = (ids != pad_id).any(0).nonzero()
+    return ids[:, int(real.min()) :] if len(real) else ids
+
+
+def truncate_after_eos(responses: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tensor:
+    # Detail 21 (used by Detail 13): every token after the first EOS becomes [PAD].
+    after = (responses == eos_id).long().cumsum(1) - (responses == eos_id).long() > 0
+    return responses.masked_fill(after, pad_id)
+
+
+@torch.no_grad()
+def generate(model, queries: torch.Tensor, tokenizer, response_length: int, temperature: float) -> torch.Tensor:
+    from transformers import GenerationConfig
+
+    # Detail 13: temperature 0.01, top_k 0, top_p 1, exactly `response_length` new tokens: eos_token_id=None
+    # so EOS does not stop generation (min_new_tokens would forbid EOS instead).
+    config = GenerationConfig(
+        max_new_tokens=response_length, temperature=temperature, top_k=0, top_p=1.0, do_sample=True,
+        eos_token_id=None, pad_token_id=tokenizer.pad_token_id,
+    )
+    queries = trim_left(queries, tokenizer.pad_token_id)
+    mask = queries != tokenizer.pad_token_id
+    # `generate` fills unset (None) fields from the model's own generation config, so its EOS is lifted too.
+    saved_eos, model.generation_config.eos_token_id = model.generation_config.eos_token_id, None
+    try:
+        out = model.generate(input_ids=queries.masked_fill(~mask, 0), attention_mask=mask.long(), generation_config=config)
+    finally:
+        model.generation_config.eos_token_id = saved_eos
+    return truncate_after_eos(out[:, queries.shape[1] :], tokenizer.eos_token_id, tokenizer.pad_token_id)
+
+
+def decode_responses(tokenizer, responses: torch.Tensor):
+    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+    return [t.strip() for t in texts]
+
+
+@torch.no_grad()
+def validation_loss(model, loader, pad_id: int, accelerator, max_batches: Optional[int]) -> float:
+    model.eval()
+    total, count = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        ids = trim_right(batch["query_reference_response_token"], pad_id)
+        n = (ids[:, 1:] != pad_id).sum()
+        total += sft_loss(model, ids, pad_id) * n
+        count += n
+    model.train()
+    total, count = accelerator.reduce(total), accelerator.reduce(count)
+    return (total / count).item()
+
+
+def sample_and_judge(model, dataset, tokenizer, args: Args, accelerator, judge=None, tag: str = "sft"):
+    """Detail 13 samples on validation queries, ROUGE-L against the references and the gold win rate."""
+    from rouge_score import rouge_scorer
+
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.eval()
+    n = min(args.num_eval_samples, len(dataset))
+    rows = []
+    for start in range(accelerator.process_index * args.eval_batch_size, n, args.eval_batch_size * accelerator.num_processes):
+        part = dataset.select(range(start, min(start + args.eval_batch_size, n)))
+        queries = torch.tensor(part["query_token"], device=accelerator.device)
+        responses = generate(unwrapped, queries, tokenizer, args.response_length, args.eval_temperature)
+        lens = (responses != tokenizer.pad_token_id).sum(1).tolist()
+        for i, text in enumerate(decode_responses(tokenizer, responses)):
+            rows.append(dict(
+                id=part[i]["id"], query=part[i]["query"], response=text, reference=part[i]["summary"],
+                response_token_len=lens[i], reference_token_len=part[i]["reference_response_token_len"],
+            ))
+    unwrapped.train()
+    from accelerate.utils import gather_object
+
+    rows = gather_object(rows) if accelerator.num_processes > 1 else rows
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    metrics = {
+        f"{tag}_rougeL": float(np.mean([scorer.score(r["reference"], r["response"])["rougeL"].fmeasure for r in rows])),
+        f"{tag}_mean_response_len": float(np.mean([r["response_token_len"] for r in rows])),
+    }
+    if judge is not None:
+        metrics[f"{tag}_gold_win_rate"] = judge.win_rate([r["query"] for r in rows], [r["response"] for r in rows], [r["reference"] for r in rows])
+        for r in rows:
+            r["gold_score"] = judge.score(r["query"], r["response"])
+            r["gold_reference_score"] = judge.score(r["query"], r["reference"])
+        metrics[f"{tag}_gold_score"] = float(np.mean([r["gold_score"] for r in rows]))
+    return metrics, rows
+
+
+def print_samples(rows, title: str, k: int = 4):
+    table = Table(title=title, show_lines=True)
+    table.add_column("query (end)", max_width=50)
+    table.add_column("model summary", max_width=45)
+    table.add_column("reference", max_width=45)
+    for r in rows[:k]:
+        table.add_row("…" + r["query"][-160:], r["response"], r["reference"])
+    console.print(table)
+
+
+def make_optimizer(model, args: Args, num_updates: int):
+    from transformers import get_cosine_schedule_with_warmup
+
+    # Detail 8: AdamW with eps 1e-5 and the library's default weight decay; no gradient clipping anywhere.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.eps)
+    # Detail 9: cosine decay to 0 over the run, no warm-up.
+    scheduler = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=0, num_training_steps=num_updates)
+    return optimizer, scheduler
+
+
+def set_seed(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def check_batch_arithmetic(args: Args, world_size: int) -> int:
+    per_step = args.per_device_batch_size * world_size
+    if args.total_batch_size % per_step != 0:
+        raise ValueError(
+            f"total_batch_size={args.total_batch_size} is not divisible by per_device_batch_size="
+            f"{args.per_device_batch_size} x processes={world_size} (= {per_step})"
+        )
+    return args.total_batch_size // per_step
+
+
+if __name__ == "__main__":
+    import datasets
+
+    args = parse_args()
+    use_bf16 = args.bf16 and torch.cuda.is_available()
+    accelerator = Accelerator(mixed_precision="bf16" if use_bf16 else "no")
+    grad_accum = check_batch_arithmetic(args, accelerator.num_processes)
+    accelerator.gradient_accumulation_steps = grad_accum
+    os.makedirs(args.output_dir, exist_ok=True)
+    if accelerator.is_main_process:
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+            json.dump(asdict(args), f, indent=2)
+    start_time = time.time()
+
+    # Data: the SFT split written by tldr_dataset.py.
+    sft_path = os.path.join(args.dataset_path, "sft")
+    if not os.path.isdir(sft_path):
+        raise FileNotFoundError(f"{sft_path} not found: build the data set first with tldr_dataset.py")
+    data = datasets.load_from_disk(sft_path)
+    for split in ("train", "validation"):
+        if split not in data or len(data[split]) == 0:
+            raise ValueError(f"{sft_path}: split {split!r} is missing or empty")
+    tokenizer = load_tokenizer(args.base_model)
+    meta_path = os.path.join(args.dataset_path, "meta.json")
+    if os.path.exists(meta_path):
+        meta = json.load(open(meta_path))
+        if meta["pad_token_id"] != tokenizer.pad_token_id or meta["eos_token_id"] != tokenizer.eos_token_id:
+            raise ValueError(f"{meta_path}: pad/eos ids {meta['pad_token_id']}/{meta['eos_token_id']} differ from the tokenizer of {args.base_model}")
+    pad_id = tokenizer.pad_token_id
+    judge = None
+    if args.gold_task_dir:
+        from embedded_task import GoldJudge  # the hidden evaluator of the embedded task only
+
+        judge = GoldJudge.from_dir(args.gold_task_dir)
+
+    set_seed(args.seed)  # Detail 10: identical model initialisation on every process
+    model = load_policy(args.base_model, tokenizer)
+    metrics = {}
+    if args.eval_base and judge is not None and not args.resume:
+        set_seed(args.seed + accelerator.process_index * 100003)  # Detail 10: sampling differs per process
+        base_metrics, _ = sample_and_judge(model, data["validation"], tokenizer, args, accelerator, judge, tag="base")
+        metrics.update(base_metrics)
+        console.print(f"base model: gold win rate {base_metrics['base_gold_win_rate']:.3f}")
+
+    cols = ["query_reference_response_token", "query_reference_response_token_len", "query_token"]
+    train = data["train"].with_format("torch", columns=cols)
+    generator = torch.Generator().manual_seed(args.seed)
+    loader = torch.utils.data.DataLoader(train, batch_size=args.per_device_batch_size, shuffle=True, drop_last=True, generator=generator)
+    val_loader = torch.utils.data.DataLoader(data["validation"].with_format("torch", columns=cols), batch_size=args.eval_batch_size)
+    num_updates = args.num_epochs * (len(train) // args.total_batch_size)
+    if num_updates == 0:
+        raise ValueError(f"train split has {len(train)} rows, fewer than one update of total_batch_size={args.total_batch_size}")
+    optimizer, scheduler = make_optimizer(model, args, num_updates)
+    model, optimizer, loader, val_loader, scheduler = accelerator.prepare(model, optimizer, loader, val_loader, scheduler)
+    # The scheduler steps once per update (not per process / micro-batch).
+    scheduler.split_batches = True
+
+    ckpt_dir = os.path.join(args.output_dir, "checkpoint")
+    update = 0
+    if args.resume:
+        if not os.path.isdir(ckpt_dir):
+            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_dir}")
+        accelerator.load_state(ckpt_dir)
+        state = json.load(open(os.path.join(ckpt_dir, "progress.json")))
+        update, metrics = state["update"], state["metrics"]
+        console.print(f"resumed from {ckpt_dir} at update {update}")
+    if args.track and accelerator.is_main_process:
+        import wandb
+
+        wandb.init(project=args.wandb_project, name=f"{args.exp_name}_{args.seed}", config=asdict(args))
+    log = open(os.path.join(args.output_dir, "metrics.jsonl"), "a") if accelerator.is_main_process else None
+
+    model.train()
+    micro_per_epoch = num_updates // args.num_epochs * grad_accum
+    progress = Progress(TextColumn("[bold]SFT"), BarColumn(), TextColumn("{task.completed}/{task.total} updates"),
+                        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+                        disable=not accelerator.is_main_process)
+    with progress:
+        task = progress.add_task("sft", total=num_updates, completed=update, info="")
+        micro, loss_sum = update * grad_accum, torch.zeros((), device=accelerator.device)
+        for epoch in range(args.num_epochs):
+            if micro >= (epoch + 1) * micro_per_epoch:
+                continue
+            if hasattr(loader, "set_epoch"):
+                loader.set_epoch(epoch)
+            skip = micro - epoch * micro_per_epoch  # resume: the data position within the epoch
+            epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
+            for batch in epoch_loader:
+                if micro >= (epoch + 1) * micro_per_epoch:
+                    break
+                with accelerator.accumulate(model):
+                    ids = trim_right(batch["query_reference_response_token"], pad_id)
+                    query_lens = None if args.loss_on_query else (batch["query_token"] != pad_id).sum(1)
+                    loss = sft_loss(model, ids, pad_id, query_lens)
+                    accelerator.backward(loss)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
+                loss_sum += loss.detach()
+                micro += 1
+                if micro % grad_accum:
+                    continue
+                update += 1
+                row = {"update": update, "train/loss": accelerator.reduce(loss_sum, "mean").item() / grad_accum,
+                       "lr": scheduler.get_last_lr()[0], "episodes": update * args.total_batch_size}
+                loss_sum.zero_()
+                if args.eval_every and update % args.eval_every == 0 and update < num_updates:
+                    row["val/loss"] = validation_loss(model, val_loader, pad_id, accelerator, args.max_val_batches)
+                if not math.isfinite(row["train/loss"]):
+                    raise RuntimeError(f"non-finite training loss at update {update}; last checkpoint: {ckpt_dir}")
+                if log:
+                    log.write(json.dumps(row) + "\n")
+                    log.flush()
+                if args.track and accelerator.is_main_process:
+                    wandb.log(row, step=update)
+                progress.update(task, completed=update, info=f"loss {row['train/loss']:.3f}")
+                if args.save_every and update % args.save_every == 0 and update < num_updates:
+                    accelerator.save_state(ckpt_dir)
+                    if accelerator.is_main_process:
+                        json.dump({"update": update, "metrics": metrics}, open(os.path.join(ckpt_dir, "progress.json"), "w"))
+
+    metrics["val_loss"] = validation_loss(model, val_loader, pad_id, accelerator, args.max_val_batches)
+    metrics["train_loss"] = row["train/loss"] if update else float("nan")
+    metrics["updates"] = update
+    set_seed(args.seed + accelerator.process_index * 100003)  # Detail 10
+    eval_metrics, rows = sample_and_judge(model, data["validation"], tokenizer, args, accelerator, judge, tag="sft")
+    metrics.update(eval_metrics)
+    if judge is not None:
+        metrics["gold_win_rate"] = metrics["sft_gold_win_rate"]
+    metrics["wall_seconds"] = time.time() - start_time
+
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.save_pretrained(args.output_dir, is_main_process=accelerator.is_main_process,
+                              save_function=accelerator.save, state_dict=accelerator.get_state_dict(model))
+    if accelerator.is_main_process:
+        tokenizer.save_pretrained(args.output_dir)
+        with open(os.path.join(args.output_dir, "eval_samples.jsonl"), "w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+        with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=2)
+        print_samples(rows, "SFT samples (validation, near-greedy)")
+        console.print({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
+        if args.track:
+            wandb.log({f"final/{k}": v for k, v in metrics.items()})
+            wandb.finish()

@@ -1,0 +1,203 @@
+"""sft.py: the SFT-side details on a tiny random GPT-NeoX, and a short end-to-end run (real data path)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import sft
+import tldr_dataset as td
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_model(tokenizer, dropout=0.0, path=None):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(vocab_size=len(tokenizer) + 8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, max_position_embeddings=256, attention_dropout=dropout, hidden_dropout=dropout,
+                           eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
+    model = GPTNeoXForCausalLM(config)
+    if path:
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tok(gpt2_tokenizer_dir):
+    return sft.load_tokenizer(gpt2_tokenizer_dir)
+
+
+def test_detail7_dropout_off(tok, tmp_path):
+    tiny_model(tok, dropout=0.5, path=str(tmp_path))
+    model = sft.load_policy(str(tmp_path), tok)
+    model.train()
+    assert model.config.attention_dropout == 0.0 and model.config.hidden_dropout == 0.0
+    ids = torch.randint(0, 100, (2, 12))
+    a, b = sft.forward(model, ids, tok.pad_token_id).logits, sft.forward(model, ids, tok.pad_token_id).logits
+    assert torch.equal(a, b)
+
+
+def test_detail3_detail11_left_padding_same_logits(tok):
+    model = tiny_model(tok).eval()
+    pad = tok.pad_token_id
+    seq = torch.tensor([[5, 6, 7, 8, 9]])
+    padded = torch.tensor([[pad, pad, pad, 5, 6, 7, 8, 9]])
+    a = sft.forward(model, seq, pad).logits
+    b = sft.forward(model, padded, pad).logits[:, 3:]
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # The positions handed to the model start at 0 on the first real token (rotary attention is
+    # shift-invariant, so a model with absolute positions is where this matters most).
+    seen = {}
+    model.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
+    sft.forward(model, padded, pad)
+    assert seen["position_ids"].tolist() == [[0, 0, 0, 0, 1, 2, 3, 4]]
+
+
+def test_detail3_pad_token_distinct_and_embedding_fits(tok, tmp_path):
+    assert tok.pad_token == "[PAD]" and tok.pad_token_id != tok.eos_token_id
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=len(tok) - 1, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                     intermediate_size=64)).save_pretrained(str(tmp_path))
+    model = sft.load_policy(str(tmp_path), tok)  # one row short: resized so [PAD] has an embedding
+    assert model.get_input_embeddings().weight.shape[0] == len(tok)
+
+
+def test_detail12_labels_mask_pads_and_optionally_the_query():
+    pad = 99
+    ids = torch.tensor([[1, 2, 3, 4, pad, pad]])
+    assert sft.sft_labels(ids, pad).tolist() == [[1, 2, 3, 4, -100, -100]]
+    assert sft.sft_labels(ids, pad, torch.tensor([2])).tolist() == [[-100, -100, 3, 4, -100, -100]]
+
+
+def test_detail12_loss_matches_manual(tok):
+    model = tiny_model(tok).eval()
+    pad = tok.pad_token_id
+    ids = torch.tensor([[5, 6, 7, 8, pad, pad], [9, 10, 11, 12, 13, 14]])
+    logp = torch.log_softmax(sft.forward(model, ids, pad).logits, -1)
+    terms = [-logp[b, t, ids[b, t + 1]] for b in range(2) for t in range(5) if ids[b, t + 1] != pad]
+    torch.testing.assert_close(sft.sft_loss(model, ids, pad), torch.stack(terms).mean())
+    # trimming the all-pad columns changes nothing
+    torch.testing.assert_close(sft.sft_loss(model, sft.trim_right(torch.cat([ids, torch.full((2, 3), pad)], 1), pad), pad),
+                               sft.sft_loss(model, ids, pad))
+
+
+def test_detail21_truncate_after_first_eos():
+    eos, pad = 0, 99
+    r = torch.tensor([[3, 0, 4, 0, 5], [3, 4, 5, 6, 7], [0, 1, 2, 3, 4]])
+    assert sft.truncate_after_eos(r, eos, pad).tolist() == [[3, 0, 99, 99, 99], [3, 4, 5, 6, 7], [0, 99, 99, 99, 99]]
+
+
+def test_detail13_generation_exact_length_eos_does_not_stop(tok):
+    model = tiny_model(tok).eval()
+
+    def eos_likely(module, inputs, output):  # make EOS the most likely token: generation must still run on
+        output.logits[..., tok.eos_token_id] += 100.0
+        return output
+
+    handle = model.register_forward_hook(eos_likely)
+    pad = tok.pad_token_id
+    queries = torch.tensor([[pad, pad, 5, 6, 7], [5, 6, 7, 8, 9]])
+    torch.manual_seed(0)
+    out = sft.generate(model, queries, tok, response_length=7, temperature=0.01)
+    assert out.shape == (2, 7)
+    # EOS was sampled first and everything after it is [PAD] (Detail 21), yet 7 tokens were generated.
+    assert out[:, 0].tolist() == [tok.eos_token_id] * 2 and (out[:, 1:] == tok.pad_token_id).all()
+    handle.remove()
+    out = sft.generate(model, queries, tok, response_length=7, temperature=1e-6)
+    # Detail 13 + 11: the left-padded query continues exactly as a greedy decode of the unpadded query.
+    seq = torch.tensor([[5, 6, 7]])
+    for _ in range(7):
+        seq = torch.cat([seq, sft.forward(model, seq, tok.pad_token_id).logits[:, -1:].argmax(-1)], 1)
+    assert out[0].tolist() == sft.truncate_after_eos(seq[:, 3:], tok.eos_token_id, tok.pad_token_id)[0].tolist()
+
+
+def test_detail8_detail9_optimizer_and_cosine_schedule(tok):
+    model = tiny_model(tok)
+    opt, sched = sft.make_optimizer(model, sft.Args(), num_updates=10)
+    assert opt.defaults["eps"] == 1e-5 and opt.defaults["lr"] == 3e-6 and isinstance(opt, torch.optim.AdamW)
+    lrs = []
+    for _ in range(10):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(3e-6)  # no warm-up
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+    assert sched.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)  # decays to 0
+
+
+def test_batch_arithmetic_error_names_sizes():
+    with pytest.raises(ValueError, match="total_batch_size=128 is not divisible by per_device_batch_size=12"):
+        sft.check_batch_arithmetic(sft.Args(per_device_batch_size=12), 1)
+    assert sft.check_batch_arithmetic(sft.Args(), 8) == 1
+
+
+def test_presets_and_flags_override():
+    args = sft.parse_args(["--preset", "embedded", "--lr", "0.5"])
+    assert args.preset == "embedded" and args.lr == 0.5 and args.total_batch_size == 32
+    assert sft.parse_args([]).lr == 3e-6
+    with pytest.raises(ValueError, match="--preset"):
+        sft.parse_args(["--preset", "nope"])
+
+
+@pytest.fixture(scope="module")
+def tiny_run_inputs(tmp_path_factory, gpt2_tokenizer_dir, tok):
+    """A tiny real-path data set (raw rows -> tldr_dataset.build) and a tiny base model."""
+    root = tmp_path_factory.mktemp("sft_e2e")
+    raw = root / "raw"
+    raw.mkdir()
+    words = "alpha beta gamma delta echo foxtrot golf hotel india juliet kilo lima".split()
+    for split, n in (("train", 64), ("validation", 16), ("test", 8)):
+        with open(raw / f"{split}.jsonl", "w") as f:
+            for i in range(n):
+                w = words[i % len(words)]
+                f.write(json.dumps(dict(id=f"{split}{i}", subreddit="test", title=f"about {w}",
+                                        post=f"I keep thinking about {w}.\nIt is {w} all day.", summary=f"{w} all day")) + "\n")
+    cmp = root / "cmp"
+    cmp.mkdir()
+    for split in ("train", "validation"):
+        with open(cmp / f"{split}.jsonl", "w") as f:
+            f.write(json.dumps(dict(info=dict(id="c", post="p", title="t", subreddit="s"), summaries=[dict(text=" a", policy="x"), dict(text=" b", policy="y")], choice=0)) + "\n")
+    data = root / "data"
+    td.build(td.Args(sft_dataset=str(raw), preference_dataset=str(cmp), base_model=gpt2_tokenizer_dir, out_dir=str(data),
+                     query_length=48, sft_response_length=12, sft_query_response_length=60, rm_response_length=12, rm_query_response_length=60))
+    model_dir = root / "base"
+    tiny_model(tok, path=str(model_dir))
+    return data, model_dir
+
+
+def run_sft(data, model_dir, out, *extra):
+    cmd = [sys.executable, os.path.join(ROOT, "sft.py"), "--preset", "embedded", "--base_model", str(model_dir),
+           "--dataset_path", str(data), "--output_dir", str(out), "--gold_task_dir", "None", "--total_batch_size", "8",
+           "--per_device_batch_size", "4", "--num_eval_samples", "8", "--eval_batch_size", "8", "--response_length", "6",
+           "--eval_every", "4", "--save_every", "4", "--lr", "3e-3", *extra]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return json.load(open(out / "metrics.json"))
+
+
+def test_sft_end_to_end_and_resume(tiny_run_inputs, tmp_path):
+    data, model_dir = tiny_run_inputs
+    m = run_sft(data, model_dir, tmp_path / "a")
+    assert m["updates"] == 8 and m["val_loss"] < 10.5  # below ln(50k) = 10.8, the loss of a uniform guess and "sft_rougeL" in m
+    for name in ("args.json", "metrics.jsonl", "eval_samples.jsonl", "config.json", "tokenizer_config.json"):
+        assert (tmp_path / "a" / name).exists(), name
+    rows = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl")]
+    assert rows[-1]["train/loss"] < rows[0]["train/loss"]
+    # The saved model loads back with from_pretrained and scores the same.
+    tokenizer = sft.load_tokenizer(str(tmp_path / "a"))
+    assert tokenizer.pad_token == "[PAD]"
+    sft.load_policy(str(tmp_path / "a"), tokenizer)
+    # Resume: a run stopped after its update-4 checkpoint and resumed ends where the uninterrupted one does.
+    b = tmp_path / "b"
+    run_sft(data, model_dir, b, "--save_every", "4")
+    ckpt = json.load(open(b / "checkpoint" / "progress.json"))
+    assert ckpt["update"] == 4
+    m2 = run_sft(data, model_dir, b, "--resume")
+    assert m2["val_loss"] == pytest.approx(m["val_loss"], rel=1e-5)
