@@ -1,0 +1,127 @@
+"""The whole pipeline on the embedded offline task, on CPU, in one command:
+
+    python quickstart.py
+
+embedded task (data + gold judge + tokenizer + tiny Pythia-architecture base model) -> data sets -> SFT
+-> reward model -> PPO -> judge. Each stage is the same script a GPU user runs (`--preset embedded`
+only changes sizes and paths). Results land in `runs/quickstart/`; the summary of every stage is
+`runs/quickstart/summary.json`, whose path is printed last.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import tyro
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+STAGES = ("task", "data", "sft", "rm", "ppo", "judge", "dpo")
+
+
+@dataclass
+class Args:
+    out_dir: str = "runs/quickstart"
+    seed: int = 1
+    size: str = "m"
+    """embedded base model size: s, m or l"""
+    stages: str = "task,data,sft,rm,ppo,judge"
+    """comma-separated subset of task,data,sft,rm,ppo,judge,dpo (dpo is optional: add it to run DPO too)"""
+
+
+def run(stage: str, cmd: list, log_dir: str) -> float:
+    console.rule(f"[bold]{stage}")
+    console.print(" ".join(cmd), style="dim")
+    start = time.time()
+    # Output streams to the terminal (progress bars) and the stage's own log file under the run folder.
+    with open(os.path.join(log_dir, f"{stage}.log"), "w") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            log.write(line)
+        if proc.wait() != 0:
+            raise SystemExit(f"stage {stage!r} failed (exit {proc.returncode}); its log: {log.name}")
+    return time.time() - start
+
+
+def read(path: str) -> dict:
+    return json.load(open(path)) if os.path.exists(path) else {}
+
+
+def main(args: Args):
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        raise SystemExit(f"--stages: unknown {sorted(unknown)}; choose from {STAGES}")
+    o = args.out_dir
+    task, data, sft, rm, ppo, dpo = (os.path.join(o, x) for x in ("task", "dataset", "sft", "rm", "ppo", "dpo"))
+    os.makedirs(o, exist_ok=True)
+    py = sys.executable
+    common = ["--seed", str(args.seed)]
+    commands = {
+        "task": [py, "embedded_task.py", "--out_dir", task, "--seed", str(args.seed), "--sizes", args.size],
+        "data": [py, "tldr_dataset.py", "--source", "embedded", "--task_dir", task, "--out_dir", data],
+        "sft": [py, "sft.py", "--preset", "embedded", "--base_model", os.path.join(task, f"base-{args.size}"),
+                "--dataset_path", data, "--output_dir", sft, "--gold_task_dir", task, *common],
+        "rm": [py, "reward.py", "--preset", "embedded", "--sft_model_path", sft, "--dataset_path", data,
+               "--output_dir", rm, "--gold_task_dir", task, *common],
+        "ppo": [py, "ppo.py", "--preset", "embedded", "--sft_model_path", sft, "--reward_model_path", rm,
+                "--dataset_path", data, "--output_dir", ppo, "--gold_task_dir", task, *common],
+        "judge": [py, "eval_gpt_judge.py", "--judge", "gold", "--gold_task_dir", task,
+                  "--samples", os.path.join(ppo, "eval_samples.jsonl"),
+                  "--compare_samples", os.path.join(sft, "eval_samples.jsonl"), "--output_dir", os.path.join(o, "judge")],
+        "dpo": [py, "dpo.py", "--preset", "embedded", "--sft_model_path", sft, "--dataset_path", data,
+                "--output_dir", dpo, "--gold_task_dir", task, *common],
+    }
+    start = time.time()
+    seconds = {}
+    for stage in STAGES:
+        if stage in stages:
+            seconds[f"{stage}_seconds"] = round(run(stage, commands[stage], o), 1)
+
+    summary = read(os.path.join(o, "summary.json"))
+    meta = read(os.path.join(data, "meta.json"))
+    for key, n in meta.get("counts", {}).items():
+        summary[f"data_{key.replace('/', '_')}_rows"] = n
+    s, r, p, d, j = (read(os.path.join(x, "metrics.json")) for x in (sft, rm, ppo, dpo, os.path.join(o, "judge")))
+    pick = {
+        "sft_val_loss": s.get("val_loss"), "sft_gold_win_rate": s.get("gold_win_rate"),
+        "base_gold_win_rate": s.get("base_gold_win_rate"), "sft_rougeL": s.get("sft_rougeL"),
+        "rm_val_accuracy": r.get("val_accuracy"), "rm_gold_agreement": r.get("gold_agreement"),
+        "ppo_gold_win_rate": p.get("gold_win_rate"), "ppo_final_kl": p.get("final_kl"),
+        "ppo_final_score": p.get("final_score"), "ppo_episodes_per_second": p.get("episodes_per_second"),
+        "dpo_gold_win_rate": d.get("gold_win_rate"), "dpo_val_reward_accuracy": d.get("val_reward_accuracy"),
+    }
+    summary.update({k: v for k, v in pick.items() if v is not None})
+    summary.update({f"judge_{k}": v for k, v in j.items() if isinstance(v, (int, float))})
+    summary.update(seconds)
+    summary["wall_seconds"] = round(time.time() - start, 1)
+    summary["seed"], summary["size"] = args.seed, args.size
+    with open(os.path.join(o, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+
+    table = Table(title="Embedded TL;DR task: gold-judge win rate against the reference summaries")
+    for col in ("model", "gold win rate", "other"):
+        table.add_column(col)
+    fmt = lambda v: "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))  # noqa: E731
+    table.add_row(f"base-{args.size} (pretrained only)", fmt(summary.get("base_gold_win_rate")), "")
+    table.add_row("SFT", fmt(summary.get("sft_gold_win_rate")), f"val loss {fmt(summary.get('sft_val_loss'))}")
+    if "rm_val_accuracy" in summary:
+        table.add_row("reward model", "", f"val accuracy {fmt(summary['rm_val_accuracy'])}, gold agreement {fmt(summary.get('rm_gold_agreement'))}")
+    if "ppo_gold_win_rate" in summary:
+        table.add_row("PPO", fmt(summary["ppo_gold_win_rate"]),
+                      f"final KL {fmt(summary.get('ppo_final_kl'))}, RM score {fmt(summary.get('ppo_final_score'))}, "
+                      f"{fmt(summary.get('ppo_episodes_per_second'))} episodes/s")
+    if "dpo_gold_win_rate" in summary:
+        table.add_row("DPO", fmt(summary["dpo_gold_win_rate"]), f"implicit reward accuracy {fmt(summary.get('dpo_val_reward_accuracy'))}")
+    console.print(table)
+    console.print(f"wall time {summary['wall_seconds']:.0f} s")
+    print(os.path.abspath(os.path.join(o, "summary.json")))
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
