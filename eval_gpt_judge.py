@@ -775,14 +775,14 @@ def generate_samples(args: Args, out_path: str) -> str:
                 toks = responses[i].tolist()
                 n_real = sum(t != pad_id for t in toks)
                 text_toks = [t for t in toks[:n_real] if t != eos_id]
-                ref = batch["reference_response"][i]
+                ref = batch["summary"][i] if "summary" in batch else batch["reference_response"][i]
                 f.write(
                     json.dumps(
                         {
                             "id": str(batch["id"][i]),
                             "query": batch["query"][i],
                             "response": tokenizer.decode(text_toks, skip_special_tokens=True),
-                            "reference": ref.split(EOS_TEXT, 1)[0],
+                            "reference": ref.split(EOS_TEXT, 1)[0].strip(),
                             "response_token_len": int(n_real),
                             "reference_token_len": int(batch["reference_response_token_len"][i]),
                         }

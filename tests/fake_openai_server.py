@@ -117,7 +117,7 @@ class FakeJudgeServer:
             def do_POST(self):
                 length = int(self.headers.get("Content-Length", 0))
                 req = json.loads(self.rfile.read(length) or b"{}")
-                if not self.path.endswith("/chat/completions"):
+                if self.path.rstrip("/") != "/v1/chat/completions":
                     return self._send(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
                 if server.frozen.is_set():
                     with server.lock:
