@@ -507,11 +507,14 @@ def generate_greedy(policy, queries: torch.Tensor, pad_id: int, response_length:
 
 def pairs_table(ds: Dataset, chosen: np.ndarray, rejected: np.ndarray, n: int, title: str) -> Table:
     table = Table(title=title, show_lines=True)
-    for col in ("query (end)", "chosen", "rejected", "r_chosen", "r_rejected"):
+    for col in ("post (start)", "policies", "chosen", "rejected", "r_chosen", "r_rejected"):
         table.add_column(col, overflow="fold")
     for i in range(min(n, len(ds))):
         row = ds[i]
-        table.add_row(row["query"][-160:], row["chosen"], row["rejected"], f"{chosen[i]:+.3f}", f"{rejected[i]:+.3f}")
+        post = " ".join(str(row.get("post") or row["query"]).split())
+        table.add_row(post[:120] + ("..." if len(post) > 120 else ""), str(row.get("policies", "")),
+                      row["chosen"].replace("<|endoftext|>", ""), row["rejected"].replace("<|endoftext|>", ""),
+                      f"{chosen[i]:+.3f}", f"{rejected[i]:+.3f}")
     return table
 
 
@@ -520,6 +523,8 @@ def pairs_table(ds: Dataset, chosen: np.ndarray, rejected: np.ndarray, n: int, t
 # ----------------------------------------------------------------------------------------------------------
 def main(args: Args) -> Dict[str, float]:
     start_time = time.time()
+    if args.identical_pairs not in ("skip", "error"):
+        raise ValueError(f"--identical_pairs must be 'skip' or 'error', got {args.identical_pairs!r}")
     accelerator_probe = torch.cuda.is_available()
     mixed = "bf16" if (args.bf16 and accelerator_probe) else "no"
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -532,7 +537,7 @@ def main(args: Args) -> Dict[str, float]:
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
     if accelerator.num_processes != world:  # defensive: derive again from what accelerate reports
         raise ValueError(f"WORLD_SIZE={world} but accelerate reports {accelerator.num_processes} processes")
-    console = Console(force_terminal=False) if accelerator.is_main_process else Console(quiet=True)
+    console = Console(width=None if sys.stdout.isatty() else 150, quiet=not accelerator.is_main_process)
     run_name = args.run_name or f"{args.exp_name}__{args.seed}__{int(time.time())}"
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)

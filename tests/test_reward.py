@@ -414,14 +414,17 @@ def test_end_to_end_in_process_with_fake_gold_judge(fake_run, tmp_path, monkeypa
 
 
 def test_end_to_end_subprocess_embedded_preset(fake_run, tmp_path):
-    """`python reward.py --preset embedded ...` runs on the fake data and writes args.json + metrics.json."""
+    """`python reward.py --preset embedded ... --track` runs on the fake data, writes args.json + metrics.json and
+    an offline wandb run."""
     out = tmp_path / "rm_cli"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "offline",
+           "WANDB_DIR": str(tmp_path)}
     cmd = [sys.executable, os.path.join(ROOT, "reward.py"), "--preset", "embedded", "--sft_model_path", fake_run.sft,
            "--dataset_path", fake_run.data, "--output_dir", str(out), "--total_batch_size", "16",
-           "--per_device_train_batch_size", "8", "--norm_num_samples", "20"]
+           "--per_device_train_batch_size", "8", "--norm_num_samples", "20", "--track"]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / "wandb").is_dir()  # --track logged an (offline) wandb run
     metrics = json.load(open(out / "metrics.json"))
     assert metrics["num_updates"] == 6 and "val_accuracy" in metrics
     assert (out / "args.json").exists() and (out / "config.json").exists()
