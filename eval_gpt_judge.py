@@ -207,7 +207,7 @@ def candidate_is_a(seed: int, item_id: str, salt: str = "") -> bool:
     """Detail 33: random order of the two summaries per item, reproducible from (seed, id) alone (so a
     resumed run, a subset or a shuffled file get the same order)."""
     h = hashlib.sha256(f"{seed}:{salt}:{item_id}".encode()).digest()
-    return h[0] % 2 == 0
+    return h[0] % 2 == 0  # Detail 33: the candidate is Summary A for about half of the items
 
 
 def cache_key(judge_model: str, messages: list[dict], order: str) -> str:
@@ -252,7 +252,7 @@ def length_bins(log_ratio: np.ndarray, wins: np.ndarray, n_bins: int = 10) -> li
     if len(log_ratio) == 0:
         return []
     lo, hi = float(log_ratio.min()), float(log_ratio.max())
-    edges = np.linspace(lo, hi, n_bins + 1)
+    edges = np.linspace(lo, hi, n_bins + 1)  # Detail 34: 10 equal-width bins of log(len(cand) / len(ref))
     idx = np.clip(np.searchsorted(edges, log_ratio, side="right") - 1, 0, n_bins - 1)
     out = []
     for b in range(n_bins):
@@ -310,7 +310,7 @@ def summarize(rows: list[dict], n_bins: int = 10) -> dict:
 
 
 def outcome_score(outcome: str) -> float:
-    return 1.0 if outcome == "win" else 0.0
+    return 1.0 if outcome == "win" else 0.0  # a tie is not a win (as GoldJudge.win_rate)
 
 
 def paired_comparison(rows_x: list[dict], rows_y: list[dict]) -> dict:
@@ -558,7 +558,7 @@ class OpenAIJudge:
                 retry_after = parse_retry_after(getattr(e.response, "headers", None))
                 delay = backoff_delay(attempt, args.backoff_base, args.backoff_max, self.rng)
                 if retry_after is not None:  # the server knows best: wait what it asks (+ a little jitter)
-                    delay = retry_after * (1 + 0.1 * self.rng.random())
+                    delay = min(retry_after, 600.0) * (1 + 0.1 * self.rng.random())
                 last = f"HTTP {code}"
             except openai.APITimeoutError:
                 self.stats["n_timeouts"] += 1

@@ -207,6 +207,10 @@ def test_max_requests_stops_cleanly_then_resumes_without_paying_twice(server, tm
     assert server.n_paid == n and set(server.paid.values()) == {1}  # every prompt paid exactly once
     assert m2["win_rate"] == m_full["win_rate"] == 0.5
     assert m1["cost_usd"] > 0 and m2["cost_usd_estimated"] > 0
+    # the cost guard: with one request at a time, the run stops as soon as the measured cost reaches the cap
+    server.reset_counts()
+    m3 = E.main(args_for(server, path, tmp_path / "cost", concurrency=1, max_cost_usd=1e-9, price_input_per_mtok=1.0))
+    assert m3["n_requests"] == 1 and server.n_paid == 1 and m3["n_missing"] == n - 1 and m3["cost_usd"] > 1e-9
 
 
 def test_killed_run_resumes_nothing_lost_nothing_paid_twice(server, tmp_path):
@@ -217,8 +221,8 @@ def test_killed_run_resumes_nothing_lost_nothing_paid_twice(server, tmp_path):
 
     def hook(srv, n_paid):
         if n_paid >= kill_after and not srv.frozen.is_set():
-            srv.freeze()  # nothing more is answered; the client gets 0.3 s to write what it received
-            time.sleep(0.3)
+            srv.freeze()  # nothing more is answered; the client gets 0.5 s to write what it received
+            time.sleep(0.5)
             holder[0].kill()
 
     server.hook = hook
@@ -336,6 +340,8 @@ def test_gold_backend_same_statistics_interface(server, tmp_path, monkeypatch):
 # --model_path: Detail 13 evaluation sampling on the dataset's queries
 # ---------------------------------------------------------------------------------------------------------
 def test_detail13_model_path_generates_then_judges(tmp_path, gpt2_tokenizer_dir, monkeypatch):
+    """Detail 13 (temperature 0.01, top_k 0, top_p 1, exactly R tokens, EOS does not stop), Detail 21 (pads
+    after the first EOS), Detail 11 (left padding changes nothing), Detail 7 (dropout off), then judging."""
     import torch
     from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
 
@@ -399,3 +405,26 @@ def test_detail13_model_path_generates_then_judges(tmp_path, gpt2_tokenizer_dir,
         assert set(E.SAMPLE_FIELDS) <= set(s) and 1 <= s["response_token_len"] <= 12
         assert "<|endoftext|>" not in s["response"] and "[PAD]" not in s["response"]
     assert samples[0]["reference"] == "short 0" and samples[0]["query"].endswith("TL;DR:")
+
+
+def test_real_gold_judge_of_the_embedded_task(tmp_path):
+    """`--judge gold` with the real embedded_task.GoldJudge agrees with GoldJudge.win_rate (ties -> no win)."""
+    et = pytest.importorskip("embedded_task")
+    task = tmp_path / "task"
+    et.build(et.Args(out_dir=str(task), seed=1, sizes="", n_sft_train=20, n_sft_val=24, n_sft_test=4, n_cmp_train=20,
+                     n_cmp_val=10, n_pretrain_posts=60, vocab_size=300), log=lambda *a, **k: None)
+    raw = [json.loads(line) for line in open(task / "raw" / "sft_validation.jsonl")]
+    rows = []
+    for i, r in enumerate(raw):
+        full, half = r["summary"], " ".join(r["summary"].split()[: max(1, len(r["summary"].split()) // 2)])
+        cand, ref = [(full, full), (full, half), (half, full)][i % 3]  # a tie, a likely win, a likely loss
+        rows.append(dict(id=r["id"], query=et.format_query(r["subreddit"], r["title"], r["post"]), response=cand,
+                         reference=ref, response_token_len=len(cand.split()), reference_token_len=len(ref.split())))
+    path = tmp_path / "s.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    m = E.main(E.Args(samples=str(path), judge="gold", gold_task_dir=str(task), output_dir=str(tmp_path / "j")))
+    judge = et.GoldJudge.from_dir(str(task))
+    q, c, ref = ([r[k] for r in rows] for k in ("query", "response", "reference"))
+    assert m["win_rate"] == pytest.approx(judge.win_rate(q, c, ref))
+    assert m["n_ties"] == sum(judge.compare(a, b, d) == 0.5 for a, b, d in zip(q, c, ref)) >= len(rows) // 3
+    assert m["n_judged"] == len(rows) and m["n_unparsed"] == 0 and m["n_wins"] >= 4 and m["n_losses"] >= 4
