@@ -53,7 +53,7 @@ def write_samples(path, n, winners=None, suffix=None, lens=None, ref_len=20):
 
 def args_for(srv, samples, out, **kw):
     base = dict(samples=samples, base_url=srv.base_url, output_dir=str(out), backoff_base=0.01, backoff_max=0.05,
-                request_timeout=0.4, concurrency=4, max_retries=4, seed=3)
+                request_timeout=5.0, concurrency=4, max_retries=4, seed=3)
     base.update(kw)
     return E.Args(**base)
 
@@ -144,11 +144,13 @@ def test_retries_429_500_timeout_drop_then_right_results(server, tmp_path):
     winners = [0, 1, 2, 3, 4, 5, 6, 11]
     path = write_samples(tmp_path / "s.jsonl", n, winners=winners, suffix=faults)
     t0 = time.time()
-    m = E.main(args_for(server, path, tmp_path / "out", max_retries=4))
+    m = E.main(args_for(server, path, tmp_path / "out", max_retries=4, request_timeout=0.4))  # the server sleeps 1 s
     elapsed = time.time() - t0
     assert elapsed >= 0.5  # two Retry-After waits of 0.25 s for item 0 (backoff alone would be ~0.05 s)
-    assert m["n_rate_limited"] == 2 and m["n_timeouts"] == 1 and m["n_connection_errors"] == 1
+    assert m["n_rate_limited"] == 2 and m["n_timeouts"] >= 1 and m["n_connection_errors"] >= 1  # >=: a loaded CI box
     assert m["n_server_errors"] == 2 + 5  # item 1 twice, item 11 on every one of its 5 attempts
+    expected = n + 2 + 2 + 1 + 1 + 4  # one per item + the injected failures' retries
+    assert expected <= server.n_requests <= expected + m["n_timeouts"] - 1 + m["n_connection_errors"] - 1
     # item 11 never got an answer: an error, reported, not a win nor a loss
     assert m["n_errors"] == 1 and m["n_judged"] == 11 and m["n_wins"] == 7 and m["n_losses"] == 4
     assert m["win_rate"] == pytest.approx(7 / 11)
@@ -391,6 +393,9 @@ def test_detail13_model_path_generates_then_judges(tmp_path, gpt2_tokenizer_dir,
     r = E.generate(model, q, pad, cfg)
     h.remove()
     assert r.shape == (1, 9) and (r == eos).all()  # EOS did not stop generation
+    E.disable_dropout(model)  # Detail 7: the config said hidden_dropout=0.1
+    model.train()
+    assert model.config.hidden_dropout == 0.0 and torch.equal(model(q[:, 3:]).logits, model(q[:, 3:]).logits)
     assert E.truncate_after_eos(r, eos, pad).tolist() == [[eos] + [pad] * 8]  # Detail 21
     # end to end: generate on the validation queries, then judge with the (fake) gold judge
     mod = types.ModuleType("embedded_task")
