@@ -1,0 +1,231 @@
+"""The embedded offline task: generator, gold judge, comparisons, tokenizer and tiny base models."""
+
+import json
+import os
+
+import pytest
+
+import embedded_task as et
+
+SMALL = dict(n_sft_train=300, n_sft_val=60, n_sft_test=20, n_cmp_train=400, n_cmp_val=60, n_pretrain_posts=300)
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory):
+    """A small task with the tokenizer and a very short-pretrained base-s model."""
+    out = str(tmp_path_factory.mktemp("task"))
+    args = et.Args(out_dir=out, seed=3, sizes="s", vocab_size=1000, pretrain_steps=3, pretrain_batch_size=4,
+                   pretrain_block=64, **SMALL)
+    et.build(args, log=lambda *a: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def data():
+    return et.generate_data(et.GenConfig(seed=5, n_sft_train=400, n_sft_val=100, n_sft_test=10, n_cmp_train=3000,
+                                         n_cmp_val=100, n_pretrain_posts=10))
+
+
+@pytest.fixture(scope="module")
+def judge(data):
+    return et.GoldJudge(data["records"])
+
+
+def _query(r):
+    return et.format_query(r["subreddit"], r["title"], r["post"])
+
+
+def test_determinism_same_seed_same_rows():
+    cfg = et.GenConfig(seed=11, n_sft_train=50, n_sft_val=5, n_sft_test=5, n_cmp_train=40, n_cmp_val=10, n_pretrain_posts=5)
+    a, b = et.generate_data(cfg), et.generate_data(cfg)
+    for k in ("sft_train", "sft_validation", "sft_test", "comparisons_train", "comparisons_validation", "pretrain_texts", "records"):
+        assert a[k] == b[k], k
+    c = et.generate_data(et.GenConfig(**{**cfg.__dict__, "seed": 12}))
+    assert a["sft_train"] != c["sft_train"]
+
+
+def test_determinism_files_and_idempotent_build(task_dir, tmp_path):
+    """Same seed -> identical files; a re-run with the same config rebuilds nothing."""
+    args = et.Args(out_dir=str(tmp_path), seed=3, sizes="", vocab_size=1000, **SMALL)
+    et.build(args, log=lambda *a: None)
+    for f in ("raw/sft_train.jsonl", "raw/comparisons_train.jsonl", "gold/records.jsonl", "tokenizer/tokenizer.json"):
+        assert open(os.path.join(task_dir, f), "rb").read() == open(os.path.join(tmp_path, f), "rb").read(), f
+    logs = []
+    et.build(args, log=logs.append)
+    assert logs == ["data: up to date", "tokenizer: up to date"]
+
+
+def test_raw_schemas(task_dir):
+    """Rows are in the real SFT schema and OpenAI's comparison schema (Detail 6); summaries start with a space (Detail 4)."""
+    sft = et.read_jsonl(os.path.join(task_dir, "raw/sft_train.jsonl"))
+    assert len(sft) == SMALL["n_sft_train"]
+    assert set(sft[0]) == {"id", "subreddit", "title", "post", "summary"}
+    assert not sft[0]["summary"].startswith(" ")
+    assert any("\n" in r["post"] for r in sft)
+    cmp_rows = et.read_jsonl(os.path.join(task_dir, "raw/comparisons_train.jsonl"))
+    assert len(cmp_rows) == SMALL["n_cmp_train"]
+    for r in cmp_rows:
+        assert set(r) == {"info", "summaries", "choice", "worker", "batch", "split", "extra"}
+        assert set(r["info"]) == {"id", "post", "title", "subreddit"}
+        assert r["choice"] in (0, 1)
+        assert 1 <= r["extra"]["confidence"] <= 9 and isinstance(r["extra"]["confidence"], int)
+        assert len(r["summaries"]) == 2 and all(s["text"].startswith(" ") for s in r["summaries"])
+        assert all(set(s) == {"text", "policy", "note"} for s in r["summaries"])
+    task = json.load(open(os.path.join(task_dir, "task.json")))
+    assert 0.6 < task["stats"]["comparisons_train"]["label_agreement"] < 0.9
+
+
+def test_posts_mention_exactly_their_facts(data):
+    """Lexicon hygiene: the judge reads from every post exactly the record's values (no stray facts)."""
+    for r in data["records"]:
+        f = et.extract_facts(r["title"] + "\n" + r["post"])
+        for slot in ("other", "event", "feeling", "question"):
+            assert set(f[slot]) == {r[slot]}, (slot, f[slot], r["post"])
+        assert set(f["durations"]) == {r["duration"]}, r["post"]
+        assert set(f["distractor"]) == set(r["distractors"])
+        assert set(f["ages"]) <= {(r["narrator_age"], r["narrator_gender"]), (r["other_age"], r["other_gender"])}
+
+
+def test_judge_prefers_reference_to_other_posts_reference(data, judge):
+    rows = data["sft_validation"]
+    wins = sum(judge.prefers(_query(r), r["summary"], rows[(i + 1) % len(rows)]["summary"]) == 0
+               for i, r in enumerate(rows))
+    assert wins / len(rows) > 0.97
+
+
+def test_judge_penalises_invented_facts_and_repetition(data, judge):
+    rec = data["records"][0]
+    q = _query(rec)
+    good = et.compose_summary(rec, et._rng(0, "t"), concise=True)
+    wrong = et.compose_summary(et.wrong_record(rec, et._rng(1, "w")), et._rng(0, "t"), concise=True)
+    assert judge.score(q, good) > judge.score(q, wrong) + 1.0
+    other_detail = next(k for k in et.DISTRACTORS if k not in rec["distractors"])
+    assert judge.score(q, good + ". " + et.DISTRACTORS[other_detail]["summ"]) < judge.score(q, good) - 0.5
+    own_detail = rec["distractors"][0]
+    assert judge.score(q, good + ". " + et.DISTRACTORS[own_detail]["summ"]) < judge.score(q, good) - 0.5
+    assert judge.score(q, (good + " ") * 4) < judge.score(q, good) - 3
+    assert judge.score(q, good + " qzxv blorf") < judge.score(q, good)
+    assert judge.score(q, good) > 0.9 * sum(getattr(et.JudgeWeights(), k) for k in et.SALIENT) - 0.5
+
+
+def test_judge_not_fooled_by_degenerate_text(data, judge):
+    rec = data["records"][1]
+    q = _query(rec)
+    good = et.compose_summary(rec, et._rng(0, "t"), concise=True)
+    every_value = " ".join(list(et.OTHERS) + [v["summ"][0] for v in et.EVENTS.values()] + list(et.FEELINGS)
+                           + ["1 year, 2 years, 3 years, 6 months"] + [v["summ"][0] for v in et.QUESTIONS.values()])
+    assert judge.score(q, every_value) < 0
+    assert judge.score(q, rec["post"]) < 0
+    assert judge.score(q, rec["title"] + " " + rec["post"][:400]) < judge.score(q, good) - 3
+    assert judge.score(q, "") < judge.score(q, good)
+    assert judge.score(q, "bf bf bf bf bf bf birthday birthday birthday") < 2
+
+
+def test_judge_api(data, judge):
+    rec = data["records"][2]
+    q = _query(rec)
+    good = et.compose_summary(rec, et._rng(0, "t"), concise=True)
+    assert judge.score(q, " " + good + "<|endoftext|> garbage garbage garbage") == judge.score(rec["post"], good)
+    assert judge.score(q, good + "<|endoftext|>[PAD][PAD]") == judge.score(q, good)
+    assert judge.compare(q, good, good) == 0.5 and judge.prefers(q, good, good) == 1
+    assert judge.compare(q, good, "nothing") == 1.0 and judge.prefers(q, good, "nothing") == 0
+    assert judge.win_rate([q, q], [good, "nothing"], ["nothing", good]) == 0.5
+    # a smart-truncated post (Detail 2 cuts the post back to a newline) still finds its record
+    cut = rec["post"][: rec["post"].rfind("\n")] if "\n" in rec["post"] else rec["post"][:-5]
+    assert judge.record(et.format_query(rec["subreddit"], rec["title"], cut))["id"] == rec["id"]
+    with pytest.raises(KeyError, match="unknown post"):
+        judge.score("SUBREDDIT: r/x\n\nTITLE: y\n\nPOST: nothing like this\n\nTL;DR:", "x")
+
+
+def test_judge_is_fast(data, judge):
+    import time
+    rows = data["sft_train"][:300]
+    t = time.time()
+    for r in rows * 3:
+        judge.score(_query(r), r["summary"])
+    assert 900 / (time.time() - t) > 1000  # calls per second
+
+
+def test_label_agreement_band_and_hard_pairs(data):
+    """Labels agree with the noiseless judge 65-85% of the time; some pairs are hard (close scores)."""
+    recs = {r["id"]: r for r in data["records"]}
+    agree = n = hard = 0
+    for row in data["comparisons_train"]:
+        rec = recs[row["info"]["id"]]
+        a, b = (et.score_against_record(rec, s["text"]) for s in row["summaries"])
+        if abs(a - b) > 1e-9:
+            n += 1
+            agree += (row["choice"] == 0) == (a > b)
+        hard += abs(a - b) < 0.5
+        assert row["choice"] in (0, 1) and 1 <= row["extra"]["confidence"] <= 9
+    assert n > 2500
+    assert 0.65 <= agree / n <= 0.85
+    assert hard / len(data["comparisons_train"]) > 0.15
+    policies = {s["policy"] for row in data["comparisons_train"] for s in row["summaries"]}
+    assert {"ref", "ref_missing_fact", "ref_wrong_fact", "ref_padded_irrelevant", "ref_truncated", "ref_repetitive",
+            "other_post_ref", "concise_all_facts"} <= policies
+
+
+def test_references_imperfect_and_beatable(data):
+    st = et.summary_stats(data, et.GenConfig(seed=5))
+    assert 0.2 <= st["reference_missing_fact_rate"] + st["reference_irrelevant_rate"] <= 0.5
+    assert st["win_rate_concise_all_facts_vs_reference"] > 0.5
+    assert st["policy_mean_score"]["ref"] > st["policy_mean_score"]["ref_missing_fact"] > st["policy_mean_score"]["other_post_ref"]
+
+
+def test_detail1_queries_fit_256_tokens(task_dir):
+    """Detail 1 queries of the embedded task fit the query length 256 (>= 99%), so Detail 2 rarely cuts."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(os.path.join(task_dir, "tokenizer"))
+    rows = et.read_jsonl(os.path.join(task_dir, "raw/sft_train.jsonl"))
+    lens = [len(x) for x in tok([_query(r) for r in rows], add_special_tokens=False)["input_ids"]]
+    assert sum(n <= 256 for n in lens) / len(lens) >= 0.99
+    summ = [len(x) for x in tok([" " + r["summary"] for r in rows], add_special_tokens=False)["input_ids"]]
+    assert sum(n + 1 <= 53 for n in summ) / len(summ) >= 0.99  # Detail 5: responses fit 53 tokens with EOS
+
+
+def test_detail3_tokenizer_eos_id0_no_pad(task_dir):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(os.path.join(task_dir, "tokenizer"))
+    assert tok.eos_token == "<|endoftext|>" and tok.eos_token_id == 0
+    assert tok.pad_token is None
+    text = "SUBREDDIT: r/relationships\n\nTITLE: Ünïcödé?\n\nPOST: a\nb  c\n\nTL;DR: x"
+    assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+    assert tok("hi", add_special_tokens=False)["input_ids"][-1] != 0  # no EOS appended automatically
+
+
+def test_detail3_detail7_base_model_reload_identical_logits(task_dir):
+    """The base model has spare embedding rows for [PAD] (Detail 3), dropout 0 (Detail 7) and reloads exactly."""
+    import torch
+    from transformers import AutoTokenizer, GPTNeoXForCausalLM
+    d = os.path.join(task_dir, "base-s")
+    model = GPTNeoXForCausalLM.from_pretrained(d)
+    tok = AutoTokenizer.from_pretrained(d)
+    assert model.config.vocab_size > len(tok)  # [PAD] fits without a resize
+    assert model.config.hidden_dropout == 0 and model.config.attention_dropout == 0
+    assert model.config.use_parallel_residual
+    tok.add_special_tokens({"pad_token": "[PAD]"})
+    assert tok.pad_token_id < model.config.vocab_size and tok.pad_token_id != tok.eos_token_id
+    x = torch.tensor([tok("SUBREDDIT: r/Advice\n\nTITLE: hi", add_special_tokens=False)["input_ids"]])
+    model.train()
+    a, b = model(x).logits, model(x).logits
+    assert torch.equal(a, b)
+    import tempfile
+    with tempfile.TemporaryDirectory() as t:
+        model.save_pretrained(t)
+        again = GPTNeoXForCausalLM.from_pretrained(t)
+        assert torch.equal(again(x).logits, a)
+    info = json.load(open(os.path.join(d, "pretrain.json")))
+    assert info["n_params"] == sum(p.numel() for p in model.parameters())
+
+
+def test_pretraining_reduces_loss_and_is_deterministic(tmp_path):
+    from transformers import AutoTokenizer
+    texts = [et.format_pretrain_text(r["subreddit"], r["title"], r["post"])
+             for r in (et.make_post(2, "pre", i, set()) for i in range(120))]
+    tok = et.train_tokenizer(texts, 600, str(tmp_path / "tok"))
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    a = et.pretrain("s", tok, texts, str(tmp_path / "a"), seed=1, steps=30, batch_size=4, block=64, log=lambda *x: None)
+    b = et.pretrain("s", tok, texts, str(tmp_path / "b"), seed=1, steps=30, batch_size=4, block=64, log=lambda *x: None)
+    assert a["val_loss"] < a["val_loss_init"] - 0.5
+    assert a["val_loss"] == b["val_loss"] and a["final_train_loss"] == b["final_train_loss"]
