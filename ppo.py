@@ -1,0 +1,963 @@
+"""PPO for RLHF on TL;DR summarization, following "The N+ Implementation Details of RLHF with PPO"
+(Huang et al., 2024). One self-contained script: read it top to bottom.
+
+    accelerate launch --config_file deepspeed_zero2.yaml ppo.py --seed 1        # the paper's run (8 GPUs)
+    python ppo.py --preset embedded --sft_model_path ... --reward_model_path ... --dataset_path ...   # CPU
+
+Layout: Args and presets -> the small pure functions of PPO (each detail of DETAILS.md commented with its
+number where it happens) -> model helpers -> the training loop under `if __name__ == "__main__":`.
+"""
+
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from rich.console import Console
+from rich.pretty import pprint
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+
+# Detail 24: the log-probability written at padding positions (after the response's EOS). Any constant works as
+# long as policy and reference get the same one: their difference (the KL) is then exactly 0 there.
+INVALID_LOGPROB = 1.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class Args:
+    # experiment
+    exp_name: str = "ppo"
+    """name of this experiment (wandb run name prefix)"""
+    seed: int = 1
+    """seed: model init is identical on all processes, sampling uses seed + rank * 100003 (Detail 10)"""
+    preset: str = "paper"
+    """'paper' (Pythia 1B, Detail 29), 'paper-2.8b', 'paper-6.9b', or 'embedded' (tiny CPU task)"""
+    track: bool = False
+    """log to Weights & Biases"""
+    wandb_project_name: str = "tldr_rlhf"
+    wandb_entity: Optional[str] = None
+    output_dir: str = "runs/paper/ppo"
+    """metrics.jsonl, metrics.json, eval_samples.jsonl, checkpoints/ and the final policy go here"""
+    num_threads: Optional[int] = None
+    """torch.set_num_threads (CPU runs)"""
+
+    # models and data
+    sft_model_path: str = "runs/paper/sft"
+    """policy and reference policy start from here (save_pretrained dir of sft.py, with its tokenizer)"""
+    reward_model_path: str = "runs/paper/rm"
+    """reward model and value model start from here (ScalarModel dir of reward.py)"""
+    dataset_path: str = "runs/paper/dataset"
+    """tldr_dataset.py output: {dataset_path}/sft with query_token (left-padded)"""
+    gold_task_dir: Optional[str] = None
+    """embedded task only: the gold judge gives the win rate against the references at evaluation"""
+    response_length: int = 53
+    """Detail 20: exactly this many new tokens are sampled"""
+
+    # batch arithmetic (Detail 29)
+    total_episodes: int = 1_000_000
+    """number of (query, response) episodes in the run; num_updates = total_episodes // batch_size"""
+    batch_size: int = 512
+    """episodes per update, summed over all processes"""
+    per_device_train_batch_size: int = 16
+    """micro-batch per process in the PPO epochs (1B: 16, 2.8B: 4, 6.9B: 1)"""
+    gradient_accumulation_steps: Optional[int] = None
+    """micro-batches per optimizer step; derived as batch_size / (processes * micro-batch * num_mini_batches)
+    when None (1B on 8 GPUs: 4), else checked against that"""
+    num_mini_batches: int = 1
+    """optimizer steps per PPO epoch"""
+    num_ppo_epochs: int = 4
+    """passes over each rollout batch"""
+    local_rollout_forward_batch_size: int = 64
+    """per-process batch of the no-grad generation and forward passes (1B: 64, 2.8B: 32, 6.9B: 4)"""
+
+    # optimisation (Detail 8, 9)
+    lr: float = 3e-6
+    eps: float = 1e-5
+    anneal_lr: bool = True
+    """Detail 9: linear decay lr_u = (1 - (u - 1) / U) * lr"""
+
+    # PPO (Details 20-28)
+    temperature: float = 0.7
+    """Detail 20: rollout sampling temperature"""
+    logprobs_use_temperature: bool = True
+    """Detail 22: log-probabilities from logits / (T + 1e-7); False uses the raw logits (ablation)"""
+    kl_coef: float = 0.05
+    """Detail 25: beta, fixed"""
+    score_placement: Literal["after_eos", "eos"] = "after_eos"
+    """Detail 25: add the score at s + 1 (released code; falls back to s when s + 1 is past the end) or at s"""
+    missing_eos_penalty: Literal["replace", "add", "none"] = "replace"
+    """Detail 23: a response without EOS gets score := penalty_reward_value ('replace', released), score +=
+    penalty_reward_value ('add'), or nothing ('none')"""
+    penalty_reward_value: float = -1.0
+    whiten_rewards: bool = False
+    """Detail 26: whiten the per-token rewards (off in the released runs)"""
+    gamma: float = 1.0
+    lam: float = 0.95
+    """Detail 27: GAE"""
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    """Detail 28"""
+
+    # evaluation (Detail 13, 31)
+    eval_every: int = 200
+    """evaluate every this many updates (0: only at the end)"""
+    eval_at_start: bool = False
+    """evaluate the SFT policy before the first update too"""
+    num_eval_samples: Optional[int] = None
+    """validation queries used at each evaluation (None: all)"""
+    eval_temperature: float = 0.01
+    """Detail 13: near-greedy"""
+    eval_batch_size: int = 64
+    """per-process generation batch at evaluation"""
+    num_sample_rows: int = 4
+    """rows of the rich table of samples printed at evaluation"""
+
+    # checkpointing
+    save_every: int = 200
+    """save a resumable checkpoint every this many updates (0: never; always on non-finite loss)"""
+    keep_checkpoints: int = 2
+    resume: bool = False
+    """continue from the newest checkpoint in {output_dir}/checkpoints"""
+    save_model: bool = True
+    """save the final policy (save_pretrained) and tokenizer to output_dir"""
+
+    # DeepSpeed (Detail 30)
+    offload: bool = False
+    """run the reference and reward models on the CPU (ZeRO-3 parameter offload under DeepSpeed), as for 6.9B"""
+
+    # debugging and tests
+    debug_stop_after_update: Optional[int] = None
+    """simulate a crash: exit (code 17) right after the checkpoint of this update is written"""
+    debug_nan_at_update: Optional[int] = None
+    """inject a NaN into the loss at this update (tests the non-finite stop)"""
+
+
+PRESETS = {
+    "paper": Args(),
+    # Detail 29: per-size micro-batch x accumulation on 8 GPUs and rollout forward batch
+    "paper-2.8b": Args(per_device_train_batch_size=4, local_rollout_forward_batch_size=32),
+    "paper-6.9b": Args(per_device_train_batch_size=1, local_rollout_forward_batch_size=4, offload=True),
+    # tiny models on 2 CPU cores: small batches, a larger lr (the tiny models need it), few updates
+    "embedded": Args(
+        output_dir="runs/quickstart/ppo",
+        sft_model_path="runs/quickstart/sft",
+        reward_model_path="runs/quickstart/rm",
+        dataset_path="runs/quickstart/dataset",
+        total_episodes=2048,
+        batch_size=64,
+        per_device_train_batch_size=16,
+        num_mini_batches=2,
+        local_rollout_forward_batch_size=64,
+        lr=3e-5,
+        eval_every=8,
+        eval_at_start=True,
+        num_eval_samples=128,
+        eval_batch_size=64,
+        save_every=8,
+        num_threads=2,
+    ),
+}
+
+
+def parse_args(argv: Optional[list] = None) -> Args:
+    """Peek --preset, then let tyro parse the rest with that preset as the defaults."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    name = "paper"
+    for i, a in enumerate(argv):
+        if a == "--preset" and i + 1 < len(argv):
+            name = argv[i + 1]
+        elif a.startswith("--preset="):
+            name = a.split("=", 1)[1]
+    if name not in PRESETS:
+        raise ValueError(f"--preset {name!r} unknown; choose one of {sorted(PRESETS)}")
+    return tyro.cli(Args, default=replace(PRESETS[name], preset=name), args=argv)
+
+
+@dataclass
+class BatchSizes:
+    world_size: int
+    gradient_accumulation_steps: int
+    local_batch_size: int  # episodes per update on one process
+    local_mini_batch_size: int  # episodes per optimizer step on one process
+    num_updates: int
+
+
+def batch_arithmetic(args: Args, world_size: int) -> BatchSizes:
+    """Detail 29: batch_size = processes x micro-batch x accumulation x minibatches; reject what does not divide."""
+    micro, nmb = args.per_device_train_batch_size, args.num_mini_batches
+    for name in ("batch_size", "per_device_train_batch_size", "num_mini_batches", "num_ppo_epochs",
+                 "local_rollout_forward_batch_size", "response_length", "total_episodes"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(args, name)}")
+    per_step = world_size * micro * nmb
+    if args.batch_size % per_step:
+        raise ValueError(
+            f"batch_size ({args.batch_size}) does not divide into num_processes ({world_size}) x "
+            f"per_device_train_batch_size ({micro}) x num_mini_batches ({nmb}) = {per_step}: "
+            f"{args.batch_size} % {per_step} = {args.batch_size % per_step}")
+    ga = args.batch_size // per_step
+    if args.gradient_accumulation_steps is not None and args.gradient_accumulation_steps != ga:
+        raise ValueError(
+            f"gradient_accumulation_steps ({args.gradient_accumulation_steps}) is inconsistent: batch_size "
+            f"({args.batch_size}) / (num_processes ({world_size}) x per_device_train_batch_size ({micro}) x "
+            f"num_mini_batches ({nmb})) = {ga}")
+    local_batch_size = args.batch_size // world_size
+    if local_batch_size % args.local_rollout_forward_batch_size:
+        raise ValueError(
+            f"local batch (batch_size {args.batch_size} / num_processes {world_size} = {local_batch_size}) does "
+            f"not divide by local_rollout_forward_batch_size ({args.local_rollout_forward_batch_size})")
+    if args.total_episodes < args.batch_size:
+        raise ValueError(f"total_episodes ({args.total_episodes}) is smaller than batch_size ({args.batch_size})")
+    return BatchSizes(world_size, ga, local_batch_size, local_batch_size // nmb, args.total_episodes // args.batch_size)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The pieces of PPO, as small pure functions
+# ----------------------------------------------------------------------------------------------------------------
+def first_true_indices(bools: torch.Tensor) -> torch.Tensor:
+    """Index of the first True of each row, or the row length where there is none."""
+    row_len = bools.size(-1)
+    idx = torch.arange(row_len, device=bools.device)
+    return torch.where(bools, idx, row_len).min(-1).values
+
+
+def truncate_response(responses: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tensor:
+    """Detail 21: every token after the first EOS becomes [PAD] (the EOS itself is kept).
+    A [PAD] sampled by the policy (the token exists in the vocabulary) also ends the response there, without
+    EOS, so that masks, reward and the missing-EOS penalty all see the same response."""
+    idx = torch.arange(responses.size(1), device=responses.device)
+    eos_at = first_true_indices(responses == eos_id).unsqueeze(1)
+    pad_at = first_true_indices(responses == pad_id).unsqueeze(1)
+    keep = (idx <= eos_at) & (idx < pad_at)
+    return torch.where(keep, responses, pad_id)
+
+
+def forward(model: nn.Module, query_responses: torch.Tensor, pad_id: int, **kwargs):
+    """Detail 3 and 11: attention mask from the pad id, pads replaced by 0 before the embedding, positions from
+    the mask (cumsum - 1) so a left-padded query gets the positions it has alone."""
+    mask = query_responses != pad_id
+    position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+    input_ids = query_responses.masked_fill(~mask, 0)
+    return model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, **kwargs)
+
+
+def policy_response_logits(policy: nn.Module, query_responses: torch.Tensor, pad_id: int, context_length: int):
+    """Logits that predict the response tokens only (logits_to_keep: no vocab projection of the query)."""
+    response_length = query_responses.size(1) - context_length
+    logits = forward(policy, query_responses, pad_id, logits_to_keep=response_length + 1).logits
+    return logits[:, :-1]
+
+
+def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Detail 22: log-probabilities of `tokens` under softmax(logits / (T + 1e-7)) (T = 1 -> raw logits)."""
+    logits = logits.float() / (temperature + 1e-7)
+    token_logits = torch.gather(logits, -1, tokens.unsqueeze(-1)).squeeze(-1)
+    return token_logits - torch.logsumexp(logits, dim=-1)
+
+
+def entropy_from_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    logits = logits.float() / (temperature + 1e-7)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
+
+
+def padding_masks(sequence_lengths: torch.Tensor, response_length: int):
+    """Detail 24: s = index of the last real response token (its EOS). Returns (padding_mask: positions > s,
+    where logprobs are INVALID_LOGPROB and the policy loss ignores; padding_mask_p1: positions > s + 1, where
+    values are 0 and the value loss ignores)."""
+    idx = torch.arange(response_length, device=sequence_lengths.device)
+    return idx > sequence_lengths.unsqueeze(1), idx > (sequence_lengths + 1).unsqueeze(1)
+
+
+def apply_missing_eos_penalty(scores: torch.Tensor, contain_eos: torch.Tensor, mode: str, value: float):
+    """Detail 23: a response with no EOS within its tokens gets its score replaced by `value` (-1, released),
+    or `value` added ('add'), or is left alone ('none')."""
+    if mode == "replace":
+        return torch.where(contain_eos, scores, torch.full_like(scores, value))
+    if mode == "add":
+        return torch.where(contain_eos, scores, scores + value)
+    if mode == "none":
+        return scores
+    raise ValueError(f"missing_eos_penalty must be 'replace', 'add' or 'none', got {mode!r}")
+
+
+def per_token_rewards(logprobs, ref_logprobs, scores, sequence_lengths, kl_coef: float, score_placement: str):
+    """Detail 25: reward_t = -beta * (logprob_t - ref_logprob_t), plus the score at the end of the response:
+    at s + 1 (the slot after EOS, as released) when it exists, else at s; or at s ('eos').
+    Returns (rewards, kl, non_score_reward)."""
+    kl = logprobs - ref_logprobs  # exactly 0 at padding: both are INVALID_LOGPROB there (Detail 24)
+    non_score_reward = -kl_coef * kl
+    rewards = non_score_reward.clone()
+    response_length = rewards.size(1)
+    if score_placement == "after_eos":
+        at = torch.where(sequence_lengths + 1 < response_length, sequence_lengths + 1, sequence_lengths)
+    elif score_placement == "eos":
+        at = sequence_lengths
+    else:
+        raise ValueError(f"score_placement must be 'after_eos' or 'eos', got {score_placement!r}")
+    at = at.clamp(min=0)  # an empty response (s = -1) gets its score at the first slot
+    rewards[torch.arange(rewards.size(0), device=rewards.device), at] += scores
+    return rewards, kl, non_score_reward
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum()
+    return (x * mask).sum(dim) / mask.sum(dim)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    if unbiased:
+        n = mask.sum()
+        var = var * n / (n - 1)
+    return var
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """Normalise to unit variance over the masked entries; shift_mean=False keeps the mean."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
+    return whitened if shift_mean else whitened + mean
+
+
+def compute_advantages(rewards, values, padding_mask, gamma: float, lam: float):
+    """Detail 27: GAE backward over the response, returns = advantages + values; then the advantages are
+    whitened over the valid positions (mean shifted) and set to 0 at padding."""
+    response_length = rewards.size(1)
+    lastgaelam = torch.zeros_like(rewards[:, 0])
+    advantages_reversed = []
+    for t in reversed(range(response_length)):
+        next_values = values[:, t + 1] if t + 1 < response_length else torch.zeros_like(values[:, t])
+        delta = rewards[:, t] + gamma * next_values - values[:, t]
+        lastgaelam = delta + gamma * lam * lastgaelam
+        advantages_reversed.append(lastgaelam)
+    advantages = torch.stack(advantages_reversed[::-1], dim=1)
+    returns = advantages + values
+    advantages = masked_whiten(advantages, ~padding_mask)
+    advantages = advantages.masked_fill(padding_mask, 0.0)
+    return advantages, returns
+
+
+def ppo_losses(new_logprobs, old_logprobs, advantages, new_values, old_values, returns, padding_mask,
+               padding_mask_p1, cliprange: float, cliprange_value: float, vf_coef: float):
+    """Detail 28: clipped policy loss (masked by padding_mask) and clipped value loss (masked by padding_mask_p1);
+    loss = policy loss + vf_coef * value loss. Returns (loss, dict of detached statistics)."""
+    valid, valid_v = ~padding_mask, ~padding_mask_p1
+    values_clipped = old_values + torch.clamp(new_values - old_values, -cliprange_value, cliprange_value)
+    vf_losses1 = (new_values - returns) ** 2
+    vf_losses2 = (values_clipped - returns) ** 2
+    vf_loss = 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), valid_v)
+    logratio = new_logprobs - old_logprobs
+    ratio = torch.exp(logratio)
+    pg_losses1 = -advantages * ratio
+    pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    pg_loss = masked_mean(torch.max(pg_losses1, pg_losses2), valid)
+    loss = pg_loss + vf_coef * vf_loss
+    with torch.no_grad():
+        ratio_mean = masked_mean(ratio, valid)
+        stats = {
+            "loss/policy": pg_loss.detach(),
+            "loss/value": vf_loss.detach(),
+            "loss/total": loss.detach(),
+            "policy/clipfrac": masked_mean((pg_losses2 > pg_losses1).float(), valid),
+            "val/clipfrac": masked_mean((vf_losses2 > vf_losses1).float(), valid_v),
+            "policy/approxkl": 0.5 * masked_mean(logratio**2, valid),
+            "val/ratio": ratio_mean,
+            "val/ratio_std": masked_mean((ratio - ratio_mean) ** 2, valid).sqrt(),
+            "val/ratio_max": torch.where(valid, ratio, -math.inf).max(),
+            "val/ratio_min": torch.where(valid, ratio, math.inf).min(),
+            "val/vpred": masked_mean(new_values, valid_v),
+        }
+    return loss, stats
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------------
+class ScalarModelConfig(PretrainedConfig):
+    """The reward model's config, identical to reward.py's (copied so that ppo.py stays self-contained): the
+    trunk's own config as a dict, its hidden size and provenance."""
+
+    model_type = "tldr_scalar_model"
+
+    def __init__(self, base_config: Optional[dict] = None, hidden_size: int = 0, base_model: str = "", **kwargs):
+        self.base_config = dict(base_config or {})
+        self.hidden_size = int(hidden_size or self.base_config.get("hidden_size", 0))
+        self.base_model = base_model
+        super().__init__(**kwargs)
+
+
+class ScalarModel(PreTrainedModel):
+    """Detail 14: the SFT trunk (`trunk`, AutoModel) with a scalar head `Linear(hidden, 1)` (`scalar_head`), the
+    same class and state-dict keys as reward.py's. Returns one score per position, shape (batch, length)."""
+
+    config_class = ScalarModelConfig
+    base_model_prefix = "trunk"
+
+    def __init__(self, config: ScalarModelConfig):
+        super().__init__(config)
+        self.trunk = AutoModel.from_config(AutoConfig.for_model(**config.base_config))
+        self.scalar_head = nn.Linear(config.hidden_size, 1)
+        self.post_init()
+
+    def _init_weights(self, module):  # every weight comes from the reward model checkpoint
+        pass
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            use_cache=False).last_hidden_state
+        return self.scalar_head(hidden).squeeze(-1)
+
+
+class PolicyAndValue(nn.Module):
+    """Detail 19: policy and value are separate networks, wrapped in one module so that one optimizer (and one
+    DDP / DeepSpeed engine) trains both."""
+
+    def __init__(self, policy: nn.Module, value_model: nn.Module):
+        super().__init__()
+        self.policy = policy
+        self.value_model = value_model
+
+    def forward(self, query_responses: torch.Tensor, pad_id: int, context_length: int):
+        logits = policy_response_logits(self.policy, query_responses, pad_id, context_length)
+        # value of the state before each response token: hidden states at context_length - 1 ... L - 2
+        values = forward(self.value_model, query_responses, pad_id)[:, context_length - 1 : -1]
+        return logits, values
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Detail 7: every dropout probability 0: config fields (nested trunk configs too), nn.Dropout modules, and
+    float attributes that modules copied from the config at init (GPT-NeoX attention applies
+    `self.attention_dropout` functionally in train mode)."""
+
+    def zero_config(cfg):
+        for key, value in list(cfg.to_dict().items()):
+            if (key.endswith("dropout") or key.endswith("pdrop")) and isinstance(value, float):
+                setattr(cfg, key, 0.0)
+
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if (name.endswith("dropout") or name.endswith("pdrop")) and isinstance(value, float):
+                setattr(module, name, 0.0)
+        if isinstance(getattr(module, "config", None), PretrainedConfig):
+            zero_config(module.config)
+    if isinstance(getattr(model, "config", None), ScalarModelConfig):
+        for key, value in model.config.base_config.items():
+            if (key.endswith("dropout") or key.endswith("pdrop")) and isinstance(value, float):
+                model.config.base_config[key] = 0.0
+    return model
+
+
+def load_tokenizer(path: str):
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": "[PAD]"})  # Detail 3: a dedicated pad, never EOS
+    if tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise ValueError(f"{path}: the pad token equals EOS ({tokenizer.eos_token_id}); Detail 3 forbids this")
+    return tokenizer
+
+
+def load_policy(path: str, tokenizer) -> nn.Module:
+    model = AutoModelForCausalLM.from_pretrained(path)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:  # Detail 3: resize only when too small
+        model.resize_token_embeddings(len(tokenizer))
+    model.generation_config.eos_token_id = None  # SPEC: generation never stops at EOS (Detail 20)
+    return disable_dropout(model)
+
+
+def load_scalar_model(path: str) -> nn.Module:
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"reward_model_path {path!r} has no config.json (expected reward.py's output dir)")
+    return disable_dropout(ScalarModel.from_pretrained(path))
+
+
+def prepare_inference_model(model: nn.Module, accelerator: Accelerator, offload: bool) -> nn.Module:
+    """Detail 19/30: frozen, eval mode. Under DeepSpeed an inference engine (bf16; ZeRO-3 with CPU parameter
+    offload when --offload); otherwise on the accelerator, or on the CPU with --offload."""
+    model.eval().requires_grad_(False)
+    if accelerator.state.deepspeed_plugin is not None:
+        import deepspeed
+
+        ds_config = {
+            "train_micro_batch_size_per_gpu": 1,
+            "bf16": {"enabled": accelerator.mixed_precision == "bf16"},
+            "zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}} if offload else {"stage": 0},
+        }
+        engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+        engine.eval()
+        return engine
+    return model.to("cpu" if offload else accelerator.device)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def generate(policy: nn.Module, queries: torch.Tensor, pad_id: int, generation_config: GenerationConfig):
+    """Detail 20 / 13: HF generate on left-padded queries (pads replaced by 0, attention mask given); with
+    eos_token_id=None exactly max_new_tokens tokens come back. Returns query + response tokens."""
+    mask = queries != pad_id
+    out = policy.generate(input_ids=queries.masked_fill(~mask, 0), attention_mask=mask,
+                          generation_config=generation_config)
+    return torch.cat([queries, out[:, queries.size(1):]], dim=1)
+
+
+@torch.no_grad()
+def reward_scores(reward_model: nn.Module, query_responses: torch.Tensor, pad_id: int, context_length: int):
+    """Detail 15: the score is the head's output at the last non-pad token (the response's EOS)."""
+    device = model_device(reward_model)
+    out = forward(reward_model, query_responses.to(device), pad_id).to(query_responses.device)
+    last = first_true_indices(query_responses[:, context_length:] == pad_id) - 1 + context_length
+    return out[torch.arange(out.size(0), device=out.device), last]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bookkeeping: data stream, checkpoints
+# ----------------------------------------------------------------------------------------------------------------
+def update_batch_indices(update: int, num_rows: int, batch_size: int, seed: int) -> torch.Tensor:
+    """Global row indices of the queries of `update` (0-based): a fresh permutation per pass over the data
+    (seeded with seed + pass, identical on every process); rank r takes its slice. The data position is a pure
+    function of the update number, so a resumed run sees the same queries."""
+    per_pass = num_rows // batch_size
+    data_pass, pos = divmod(update, per_pass)
+    perm = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed + data_pass))
+    return perm[pos * batch_size : (pos + 1) * batch_size]
+
+
+def latest_checkpoint(output_dir: str) -> Optional[str]:
+    root = os.path.join(output_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return None
+    done = [d for d in os.listdir(root) if d.startswith("update_")
+            and os.path.isfile(os.path.join(root, d, "trainer_state.json"))]
+    return os.path.join(root, max(done)) if done else None
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: str, name: str, trainer_state: dict, keep: int):
+    """Policy + value, optimizer, scheduler, RNG states of every process (python, numpy, torch CPU/CUDA: the
+    sampling generator is the per-rank seeded torch generator) via accelerate, plus the data position.
+    trainer_state.json is written last: a checkpoint without it is incomplete and ignored by --resume."""
+    path = os.path.join(output_dir, "checkpoints", name)
+    if accelerator.is_main_process and os.path.isdir(path):
+        shutil.rmtree(path)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(path)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with open(os.path.join(path, "trainer_state.json"), "w") as f:
+            json.dump(trainer_state, f, indent=1)
+        root = os.path.join(output_dir, "checkpoints")
+        old = sorted(d for d in os.listdir(root) if d.startswith("update_"))
+        for d in old[: max(0, len(old) - keep)] if name.startswith("update_") else []:
+            shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return path
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation (Detail 31)
+# ----------------------------------------------------------------------------------------------------------------
+def evaluate(args, accelerator, policy, reward_model, tokenizer, eval_data, judge, console, update: int):
+    """Detail 31 / 13: near-greedy samples (T = 0.01, exactly response_length tokens, Detail 21 truncation) on
+    validation queries, their RM score and, with a judge, the win rate against the references. Sampling uses a
+    fixed per-rank seed inside fork_rng: evaluation never disturbs the training sampler."""
+    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    queries_all = eval_data["query_token"]
+    n, world, rank = queries_all.size(0), accelerator.num_processes, accelerator.process_index
+    per_rank = math.ceil(n / world)
+    rows = torch.arange(rank * per_rank, (rank + 1) * per_rank).clamp(max=n - 1)  # pad with the last row
+    config = GenerationConfig(max_new_tokens=args.response_length, temperature=args.eval_temperature, top_k=0,
+                              top_p=1.0, do_sample=True, eos_token_id=None, pad_token_id=pad_id)
+    devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+    responses, scores = [], []
+    with torch.random.fork_rng(devices=devices), accelerator.autocast():
+        torch.manual_seed(args.seed + rank * 100003 + 999_983)
+        for i in range(0, per_rank, args.eval_batch_size):
+            queries = queries_all[rows[i : i + args.eval_batch_size]].to(accelerator.device)
+            qr = generate(policy, queries, pad_id, config)
+            response = truncate_response(qr[:, queries.size(1):], eos_id, pad_id)  # Detail 21
+            qr = torch.cat([queries, response], 1)
+            responses.append(response)
+            scores.append(reward_scores(reward_model, qr, pad_id, queries.size(1)).float())
+    responses = accelerator.gather(torch.cat(responses)).cpu()[:n] if world > 1 else torch.cat(responses).cpu()
+    scores = accelerator.gather(torch.cat(scores)).cpu()[:n] if world > 1 else torch.cat(scores).cpu()
+    # gather concatenates the ranks' contiguous slices in rank order, so row j is validation row j
+    metrics = {}
+    if accelerator.is_main_process:
+        lengths = first_true_indices(responses == pad_id)
+        contain_eos = (responses == eos_id).any(1)
+        texts = [tokenizer.decode(r[(r != pad_id) & (r != eos_id)]) for r in responses]
+        references = [ref.replace(tokenizer.eos_token, "") for ref in eval_data["reference_response"]]
+        metrics = {
+            "eval/rm_score": scores.mean().item(),
+            "eval/response_length": lengths.float().mean().item(),
+            "eval/non_eos_rate": 1.0 - contain_eos.float().mean().item(),
+        }
+        if judge is not None:
+            metrics["eval/gold_win_rate"] = float(judge.win_rate(eval_data["query"], texts, references))
+        with open(os.path.join(args.output_dir, "eval_samples.jsonl"), "w") as f:
+            for j in range(n):
+                f.write(json.dumps({
+                    "id": eval_data["id"][j], "query": eval_data["query"][j], "response": texts[j],
+                    "reference": references[j], "response_token_len": int(lengths[j]),
+                    "reference_token_len": int(eval_data["reference_response_token_len"][j]),
+                    "score": scores[j].item(), "update": update}) + "\n")
+        table = Table(title=f"eval samples after update {update}", show_lines=True)
+        for col in ("query (end)", "response", "reference", "score"):
+            table.add_column(col)
+        for j in range(min(args.num_sample_rows, n)):
+            table.add_row(eval_data["query"][j][-200:], texts[j], references[j], f"{scores[j].item():.2f}")
+        console.print(table)
+        console.print({k: round(v, 4) for k, v in metrics.items()})
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------------
+def main(args: Args):
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    sizes = batch_arithmetic(args, world_size)  # fail before any model is loaded
+    accelerator = Accelerator(gradient_accumulation_steps=sizes.gradient_accumulation_steps,
+                              cpu=not torch.cuda.is_available())
+    if accelerator.num_processes != world_size:
+        sizes = batch_arithmetic(args, accelerator.num_processes)
+    console = Console(force_terminal=False) if accelerator.is_main_process else Console(quiet=True)
+    rank = accelerator.process_index
+    os.makedirs(args.output_dir, exist_ok=True)
+
+    # ---- data --------------------------------------------------------------------------------------------------
+    from datasets import load_from_disk
+
+    sft_dir = os.path.join(args.dataset_path, "sft")
+    if not os.path.isdir(sft_dir):
+        raise ValueError(f"dataset_path {args.dataset_path!r} has no 'sft' DatasetDict (tldr_dataset.py output)")
+    data = load_from_disk(sft_dir)
+    for split in ("train", "validation"):
+        if split not in data or "query_token" not in data[split].column_names:
+            raise ValueError(f"{sft_dir}: split {split!r} with a 'query_token' column is required")
+    train_queries = torch.tensor(data["train"]["query_token"], dtype=torch.long)
+    if train_queries.size(0) < args.batch_size:
+        raise ValueError(f"{sft_dir} train has {train_queries.size(0)} rows, fewer than batch_size {args.batch_size}")
+    val = data["validation"]
+    n_eval = len(val) if args.num_eval_samples is None else min(args.num_eval_samples, len(val))
+    val = val.select(range(n_eval))
+    eval_data = {k: val[k] for k in ("id", "query", "reference_response", "reference_response_token_len")}
+    eval_data["query_token"] = torch.tensor(val["query_token"], dtype=torch.long)
+    meta_path = os.path.join(args.dataset_path, "meta.json")
+    meta = json.load(open(meta_path)) if os.path.isfile(meta_path) else {}
+
+    # ---- models (Detail 19: four separate networks) -------------------------------------------------------------
+    tokenizer = load_tokenizer(args.sft_model_path)
+    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    if "pad_token_id" in meta and meta["pad_token_id"] != pad_id:
+        raise ValueError(f"{meta_path}: pad_token_id {meta['pad_token_id']} != the SFT tokenizer's {pad_id}")
+    torch.manual_seed(args.seed)  # Detail 10: identical model init on every process (all weights are loaded)
+    policy = load_policy(args.sft_model_path, tokenizer)
+    ref_policy = load_policy(args.sft_model_path, tokenizer)
+    value_model = load_scalar_model(args.reward_model_path)  # value model starts from the RM (normalised bias)
+    reward_model = load_scalar_model(args.reward_model_path)
+    model = PolicyAndValue(policy, value_model)
+    # Detail 8: one AdamW (eps 1e-5, default weight decay) over policy and value, no gradient clipping
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.eps)
+    # Detail 9: linear decay, lr at update u (1-based) of U = (1 - (u - 1) / U) * lr; stepped once per update
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda done: 1.0 - done / sizes.num_updates if args.anneal_lr else 1.0)
+    model, optimizer = accelerator.prepare(model, optimizer)  # Detail 30: ZeRO-2 bf16 engine under DeepSpeed
+    accelerator.register_for_checkpointing(scheduler)
+    ref_policy = prepare_inference_model(ref_policy, accelerator, args.offload)
+    reward_model = prepare_inference_model(reward_model, accelerator, args.offload)
+    judge = None
+    if args.gold_task_dir and accelerator.is_main_process:
+        from embedded_task import GoldJudge  # the hidden evaluator of the offline task, only when asked for
+
+        judge = GoldJudge.from_dir(args.gold_task_dir)
+
+    # Detail 10: sampling differs per process; the global torch generator is the sampling generator
+    local_seed = args.seed + rank * 100003
+    random.seed(local_seed)
+    np.random.seed(local_seed)
+    torch.manual_seed(local_seed)
+    start_update, metrics_history = 0, []
+    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+    if args.resume:
+        ckpt = latest_checkpoint(args.output_dir)
+        if ckpt is None:
+            console.print(f"[resume] no complete checkpoint in {args.output_dir}/checkpoints: starting afresh")
+        else:
+            accelerator.load_state(ckpt)  # weights, optimizer, scheduler, RNG states of this process
+            state = json.load(open(os.path.join(ckpt, "trainer_state.json")))
+            start_update = state["update"]
+            if state["num_updates"] != sizes.num_updates or state["batch_size"] != args.batch_size:
+                raise ValueError(f"{ckpt} was written with num_updates {state['num_updates']} / batch_size "
+                                 f"{state['batch_size']}; this run has {sizes.num_updates} / {args.batch_size}")
+            if os.path.isfile(metrics_path):
+                metrics_history = [json.loads(l) for l in open(metrics_path)]
+                metrics_history = [m for m in metrics_history if m["update"] <= start_update]
+            console.print(f"[resume] continuing after update {start_update} from {ckpt}")
+    if accelerator.is_main_process:
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+            json.dump({**asdict(args), "num_processes": accelerator.num_processes,
+                       "gradient_accumulation_steps": sizes.gradient_accumulation_steps,
+                       "num_updates": sizes.num_updates}, f, indent=1)
+        with open(metrics_path, "w") as f:
+            f.writelines(json.dumps(m) + "\n" for m in metrics_history)
+        pprint({**asdict(sizes)})
+    tracker = None
+    if args.track and accelerator.is_main_process:
+        import wandb
+
+        tracker = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args),
+                             name=f"{args.exp_name}__{args.seed}__{int(time.time())}", resume="allow")
+
+    unwrapped = accelerator.unwrap_model(model)
+    # Detail 20: T = 0.7, top_k 0, top_p 1, exactly response_length tokens (EOS does not stop generation)
+    generation_config = GenerationConfig(max_new_tokens=args.response_length, temperature=args.temperature,
+                                         top_k=0, top_p=1.0, do_sample=True, eos_token_id=None, pad_token_id=pad_id)
+    logprob_temperature = args.temperature if args.logprobs_use_temperature else 1.0  # Detail 22 switch
+    device, fwd_bs = accelerator.device, args.local_rollout_forward_batch_size
+    micro, ga = args.per_device_train_batch_size, sizes.gradient_accumulation_steps
+    stat_shape = (args.num_ppo_epochs, args.num_mini_batches, ga)
+    sync = (lambda: torch.cuda.synchronize()) if device.type == "cuda" else (lambda: None)
+    eval_metrics = {}
+    if args.eval_at_start and start_update == 0:
+        eval_metrics = evaluate(args, accelerator, unwrapped.policy, reward_model, tokenizer, eval_data, judge,
+                                console, update=0)
+        if accelerator.is_main_process:
+            initial = {"update": 0, "episodes": 0, **eval_metrics}
+            metrics_history.append(initial)
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(initial) + "\n")
+
+    progress = Progress(TextColumn("[bold]PPO"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TimeRemainingColumn(), TextColumn("{task.description}"), console=console,
+                        disable=not accelerator.is_main_process)
+    task = progress.add_task("", total=sizes.num_updates, completed=start_update)
+    progress.start()
+    model.train()
+    for update in range(start_update + 1, sizes.num_updates + 1):
+        # ============ rollout ============
+        idx = update_batch_indices(update - 1, train_queries.size(0), args.batch_size, args.seed)
+        queries = train_queries[idx[rank * sizes.local_batch_size : (rank + 1) * sizes.local_batch_size]].to(device)
+        context_length = queries.size(1)
+        sync(); t0 = time.perf_counter()
+        with torch.no_grad(), accelerator.autocast():
+            query_responses = torch.cat([generate(unwrapped.policy, queries[i : i + fwd_bs], pad_id, generation_config)
+                                         for i in range(0, queries.size(0), fwd_bs)])
+        responses = truncate_response(query_responses[:, context_length:], eos_id, pad_id)  # Detail 21
+        query_responses = torch.cat([queries, responses], 1)
+        sync(); t1 = time.perf_counter()
+        logprobs, ref_logprobs, values, raw_scores = [], [], [], []
+        with torch.no_grad(), accelerator.autocast():
+            for i in range(0, queries.size(0), fwd_bs):
+                qr, resp = query_responses[i : i + fwd_bs], responses[i : i + fwd_bs]
+                logits, value = unwrapped(qr, pad_id, context_length)
+                logprobs.append(logprobs_from_logits(logits, resp, logprob_temperature))  # Detail 22
+                del logits
+                ref_device = model_device(ref_policy)
+                ref_logits = policy_response_logits(ref_policy, qr.to(ref_device), pad_id, context_length)
+                ref_logprobs.append(logprobs_from_logits(ref_logits, resp.to(ref_device), logprob_temperature).to(device))
+                del ref_logits
+                values.append(value.float())
+                raw_scores.append(reward_scores(reward_model, qr, pad_id, context_length).float())
+        logprobs, ref_logprobs = torch.cat(logprobs), torch.cat(ref_logprobs)
+        values, raw_scores = torch.cat(values), torch.cat(raw_scores)
+
+        # ============ per-token rewards and advantages ============
+        contain_eos = (responses == eos_id).any(1)
+        sequence_lengths = first_true_indices(responses == pad_id) - 1  # s: index of the last real token
+        padding_mask, padding_mask_p1 = padding_masks(sequence_lengths, args.response_length)
+        scores = apply_missing_eos_penalty(raw_scores, contain_eos, args.missing_eos_penalty,
+                                           args.penalty_reward_value)  # Detail 23
+        logprobs = logprobs.masked_fill(padding_mask, INVALID_LOGPROB)  # Detail 24
+        ref_logprobs = ref_logprobs.masked_fill(padding_mask, INVALID_LOGPROB)
+        values = values.masked_fill(padding_mask_p1, 0.0)
+        rewards, kl, non_score_reward = per_token_rewards(logprobs, ref_logprobs, scores, sequence_lengths,
+                                                          args.kl_coef, args.score_placement)  # Detail 25
+        if args.whiten_rewards:  # Detail 26: off by default
+            rewards = masked_whiten(rewards, ~padding_mask_p1, shift_mean=False).masked_fill(padding_mask_p1, 0.0)
+        advantages, returns = compute_advantages(rewards, values, padding_mask, args.gamma, args.lam)  # Detail 27
+        sync(); t2 = time.perf_counter()
+
+        # ============ PPO epochs ============
+        lr_used = scheduler.get_last_lr()[0]
+        stats = {}
+        nonfinite = torch.zeros((), device=device)
+        for epoch in range(args.num_ppo_epochs):
+            perm = torch.randperm(sizes.local_batch_size)
+            for mb, mb_start in enumerate(range(0, sizes.local_batch_size, sizes.local_mini_batch_size)):
+                mb_inds = perm[mb_start : mb_start + sizes.local_mini_batch_size]
+                for acc, micro_start in enumerate(range(0, sizes.local_mini_batch_size, micro)):
+                    with accelerator.accumulate(model):
+                        inds = mb_inds[micro_start : micro_start + micro].to(device)
+                        pm, pm1 = padding_mask[inds], padding_mask_p1[inds]
+                        logits, new_values = model(query_responses[inds], pad_id, context_length)
+                        new_logprobs = logprobs_from_logits(logits, responses[inds], logprob_temperature)
+                        new_logprobs = new_logprobs.masked_fill(pm, INVALID_LOGPROB)
+                        new_values = new_values.float().masked_fill(pm1, 0.0)
+                        loss, mstats = ppo_losses(new_logprobs, logprobs[inds], advantages[inds], new_values,
+                                                  values[inds], returns[inds], pm, pm1, args.cliprange,
+                                                  args.cliprange_value, args.vf_coef)  # Detail 28
+                        if update == args.debug_nan_at_update:
+                            loss = loss * float("nan")
+                        with torch.no_grad():
+                            mstats["policy/entropy"] = masked_mean(entropy_from_logits(logits, logprob_temperature), ~pm)
+                        del logits
+                        nonfinite += (~torch.isfinite(loss.detach())).float()
+                        if acc == ga - 1:  # one check per optimizer step, before the step can happen
+                            if accelerator.reduce(nonfinite, "sum").item() > 0:
+                                path = save_checkpoint(accelerator, args.output_dir, f"nonfinite_update_{update:06d}",
+                                                       {"update": update - 1, "note": "non-finite loss"}, 0)
+                                raise NonFiniteLossError(
+                                    f"non-finite loss at update {update}, PPO epoch {epoch}, minibatch {mb}: stopping "
+                                    f"before the optimizer step; state (weights before this step) saved in {path}. "
+                                    "Lower --lr or check the reward model's scores.")
+                        accelerator.backward(loss)
+                        optimizer.step()
+                        optimizer.zero_grad()
+                    for k, v in mstats.items():
+                        stats.setdefault(k, torch.zeros(stat_shape, device=device))[epoch, mb, acc] = v
+        scheduler.step()
+        sync(); t3 = time.perf_counter()
+
+        # ============ logging (statistics gathered across processes) ============
+        with torch.no_grad():
+            mean_kl = kl.sum(1).mean()
+            log_ratio_ref = ref_logprobs - logprobs  # 0 at padding
+            rollout_stats = {
+                "objective/scores": scores.mean(),
+                "objective/rm_scores": raw_scores.mean(),
+                "objective/non_eos_rate": 1.0 - contain_eos.float().mean(),
+                "objective/kl": mean_kl,  # the estimator in the reward, summed over tokens
+                "objective/kl_k3": (torch.expm1(log_ratio_ref) - log_ratio_ref).sum(1).mean(),
+                "objective/entropy": (-logprobs.masked_fill(padding_mask, 0.0)).sum(1).mean(),
+                "objective/non_score_reward": non_score_reward.sum(1).mean(),
+                "objective/rlhf_reward": scores.mean() - args.kl_coef * mean_kl,
+                "objective/response_length": (sequence_lengths + 1).float().mean(),
+                "val/advantages": masked_mean(advantages, ~padding_mask),
+                "val/returns": masked_mean(returns, ~padding_mask_p1),
+                "val/values": masked_mean(values, ~padding_mask_p1),
+            }
+            means = {k: v.mean() for k, v in stats.items() if k not in ("val/ratio_max", "val/ratio_min")}
+            means.update(rollout_stats)
+            keys = list(means)
+            reduced = accelerator.reduce(torch.stack([means[k].float() for k in keys]), "mean").tolist()
+            # with dropout off the first minibatch of the first epoch recomputes the rollout logprobs: ratio == 1
+            first_mb = stats["val/ratio_max"][0, 0], stats["val/ratio_min"][0, 0]
+            extremes = torch.stack([stats["val/ratio_max"].max(), -stats["val/ratio_min"].min(),
+                                    torch.maximum(first_mb[0] - 1.0, 1.0 - first_mb[1]).max()])
+            ratio_max, neg_ratio_min, first_mb_dev = accelerator.reduce(extremes, "max").tolist()
+        phase_time = {"time/generation": t1 - t0, "time/rollout_forward": t2 - t1, "time/training": t3 - t2}
+        episodes = update * args.batch_size
+        metrics = {"update": update, "episodes": episodes, **dict(zip(keys, reduced)), "val/ratio_max": ratio_max,
+                   "val/ratio_min": -neg_ratio_min, "debug/first_minibatch_ratio_dev": first_mb_dev, "lr": lr_used, "eps": args.batch_size / (t3 - t0), **phase_time}
+
+        # ============ evaluation, checkpoint ============
+        if (args.eval_every and update % args.eval_every == 0) or update == sizes.num_updates:
+            model.eval()
+            eval_metrics = evaluate(args, accelerator, unwrapped.policy, reward_model, tokenizer, eval_data, judge,
+                                    console, update)
+            model.train()
+            metrics.update(eval_metrics)
+        if accelerator.is_main_process:
+            metrics_history.append(metrics)
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            if tracker is not None:
+                tracker.log(metrics, step=update)
+            progress.update(task, completed=update, description=(
+                f"score {metrics['objective/scores']:.3f} kl {metrics['objective/kl']:.3f} "
+                f"len {metrics['objective/response_length']:.1f} eps {metrics['eps']:.1f}"))
+        if args.save_every and (update % args.save_every == 0) and update < sizes.num_updates:
+            save_checkpoint(accelerator, args.output_dir, f"update_{update:06d}",
+                            {"update": update, "episodes": episodes, "data_position": episodes,
+                             "num_updates": sizes.num_updates, "batch_size": args.batch_size}, args.keep_checkpoints)
+            if update == args.debug_stop_after_update:
+                progress.stop()
+                console.print(f"[debug] stopping after the checkpoint of update {update}")
+                sys.stdout.flush()
+                os._exit(17)
+    progress.stop()
+
+    # ============ final metrics and model ============
+    if accelerator.is_main_process:
+        last = metrics_history[-1]
+        trained = [m for m in metrics_history if "objective/kl" in m]
+        final = {
+            "final_kl": last["objective/kl"],
+            "final_score": last["objective/scores"],
+            "final_rm_score": last["objective/rm_scores"],
+            "final_non_eos_rate": last["objective/non_eos_rate"],
+            "final_response_length": last["objective/response_length"],
+            "episodes_per_second": sum(args.batch_size for _ in trained) / max(
+                1e-9, sum(m["time/generation"] + m["time/rollout_forward"] + m["time/training"] for m in trained)),
+            "num_updates": sizes.num_updates,
+            "episodes": sizes.num_updates * args.batch_size,
+            "eval_rm_score": eval_metrics.get("eval/rm_score"),
+            "eval_response_length": eval_metrics.get("eval/response_length"),
+            "eval_non_eos_rate": eval_metrics.get("eval/non_eos_rate"),
+        }
+        if "eval/gold_win_rate" in eval_metrics:
+            final["gold_win_rate"] = eval_metrics["eval/gold_win_rate"]
+        first_eval = next((m for m in metrics_history if m.get("update") == 0 and "eval/rm_score" in m), None)
+        if first_eval is not None:
+            final["initial_eval_rm_score"] = first_eval["eval/rm_score"]
+            if "eval/gold_win_rate" in first_eval:
+                final["initial_gold_win_rate"] = first_eval["eval/gold_win_rate"]
+        final = {k: v for k, v in final.items() if v is not None}
+        with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
+            json.dump(final, f, indent=1)
+        console.print(final)
+        if tracker is not None:
+            tracker.summary.update(final)
+            tracker.finish()
+    if args.save_model:
+        state_dict = accelerator.get_state_dict(model)
+        if accelerator.is_main_process:
+            policy_state = {k[len("policy."):]: v for k, v in state_dict.items() if k.startswith("policy.")}
+            unwrapped.policy.save_pretrained(args.output_dir, state_dict=policy_state)
+            tokenizer.save_pretrained(args.output_dir)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(parse_args())
