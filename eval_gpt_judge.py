@@ -89,8 +89,12 @@ class Args:
     """OpenAI-compatible endpoint (e.g. http://localhost:8000/v1 for vLLM); None = api.openai.com"""
     api_key_env: str = "OPENAI_API_KEY"
     """environment variable that holds the API key"""
-    judge_temperature: float = 0.0
-    judge_max_tokens: int = 256
+    judge_temperature: Optional[float] = 0.0
+    """None = not sent (reasoning models accept only their default)"""
+    judge_max_tokens: Optional[int] = 256
+    """None = not sent"""
+    max_completion_tokens_param: bool = False
+    """send the limit as `max_completion_tokens` (newer OpenAI models) instead of `max_tokens`"""
     concurrency: int = 16
     request_timeout: float = 60.0
     """seconds before a request counts as timed out (and is retried)"""
@@ -134,7 +138,7 @@ def parse_args(argv: Optional[list[str]] = None) -> Args:
             name = a.split("=", 1)[1]
     if name not in PRESETS:
         raise ValueError(f"--preset: unknown preset {name!r}, choose from {sorted(PRESETS)}")
-    return tyro.cli(Args, default=PRESETS[name], args=argv)
+    return tyro.cli(Args, default=PRESETS[name], args=argv, use_underscores=True)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -533,6 +537,11 @@ class OpenAIJudge:
         self.args = args
         self.budget = budget
         self.rng = random.Random(args.seed + 7919)
+        self.params: dict = {}
+        if args.judge_temperature is not None:
+            self.params["temperature"] = args.judge_temperature
+        if args.judge_max_tokens is not None:
+            self.params["max_completion_tokens" if args.max_completion_tokens_param else "max_tokens"] = args.judge_max_tokens
         self.stats = {"n_retries": 0, "n_rate_limited": 0, "n_server_errors": 0, "n_timeouts": 0, "n_connection_errors": 0}
 
     def messages(self, query: str, a: str, b: str) -> list[dict]:
@@ -545,9 +554,7 @@ class OpenAIJudge:
         for attempt in range(args.max_retries + 1):
             self.budget.take()
             try:
-                resp = await self.client.chat.completions.create(
-                    model=self.model, messages=messages, temperature=args.judge_temperature, max_tokens=args.judge_max_tokens
-                )
+                resp = await self.client.chat.completions.create(model=self.model, messages=messages, **self.params)
             except openai.APIStatusError as e:
                 code = e.status_code
                 if code in (401, 403, 404):
@@ -731,7 +738,7 @@ def generate_samples(args: Args, out_path: str) -> str:
     eval_samples.jsonl (torch / transformers imported here only)."""
     import torch
     from datasets import load_from_disk
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not args.dataset_path:
         raise ValueError("--model_path needs --dataset_path (dataset dir written by tldr_dataset.py)")

@@ -67,6 +67,7 @@ class FakeJudgeServer:
             self.n_requests = 0
             self.n_paid = 0
             self.n_dropped_frozen = 0
+            self.last_body: dict | None = None
 
     def freeze(self):
         self.frozen.set()
@@ -130,6 +131,7 @@ class FakeJudgeServer:
                     server.requests[key] += 1
                     server.n_requests += 1
                     server.models[req.get("model")] += 1
+                    server.last_body = req
                     nth = server.requests[key]  # 1-based index of this request for this prompt
                 faults = FAULT_RE.findall(user)
                 malformed = False

@@ -178,6 +178,18 @@ def test_unparsed_verdicts_are_retried_then_counted_never_wins(server, tmp_path)
     assert {k: m2[k] for k in ("win_rate", "n_unparsed", "n_judged")} == {k: m[k] for k in ("win_rate", "n_unparsed", "n_judged")}
 
 
+def test_detail33_request_is_the_paper_protocol(server, tmp_path):
+    path = write_samples(tmp_path / "s.jsonl", 1)
+    E.main(args_for(server, path, tmp_path / "a", judge_model="gpt-4-0125-preview"))
+    body = server.last_body
+    assert body["model"] == "gpt-4-0125-preview" and body["temperature"] == 0.0 and body["max_tokens"] == 256
+    assert body["messages"][0] == {"role": "system", "content": "You are a helpful assistant."}
+    assert body["messages"][1]["content"].startswith("Which of the following summaries")
+    E.main(args_for(server, path, tmp_path / "b", judge_model="o-model", judge_temperature=None, max_completion_tokens_param=True))
+    body = server.last_body
+    assert "temperature" not in body and "max_tokens" not in body and body["max_completion_tokens"] == 256
+
+
 def test_detail33_order_randomisation_unswaps(server, tmp_path):
     n = 40
     path = write_samples(tmp_path / "s.jsonl", n)  # the judge prefers the candidate whatever its position
