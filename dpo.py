@@ -1,0 +1,605 @@
+"""Direct Preference Optimisation (DPO) of the SFT policy on the TL;DR preference pairs.
+
+    accelerate launch dpo.py                                     # the paper: Pythia-1B SFT model, real data
+    accelerate launch --config_file deepspeed_zero2.yaml dpo.py --sft_model_path models/sft_pythia-6.9b-deduped
+    python dpo.py --preset embedded                              # the embedded offline task on CPU
+
+Detail 32: the policy starts from the SFT model and the reference policy is a frozen copy of the SFT model
+(eval mode, no gradients). The log-probability of a summary is the sum of the per-token log-probabilities
+over the response tokens only (query and pads excluded). For a pair (chosen c, rejected r):
+
+    loss = -logsigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))       beta = 0.05
+
+and the implicit reward of a summary is `beta * (pi - ref)`; its accuracy (share of validation pairs whose
+chosen summary gets the larger implicit reward) is DPO's counterpart of the reward model's validation
+accuracy (Detail 18). One epoch over the preference training pairs, batch 64, lr 3e-6, cosine, dropout off.
+
+Reads the data set built by `tldr_dataset.py` (preference/ for training and validation, sft/ validation
+queries for the evaluation samples). Writes to `--output_dir`: the policy and tokenizer (`save_pretrained`),
+args.json, metrics.json, metrics.jsonl (per update), eval_samples.jsonl, and `checkpoint/` (every
+`--save_every` updates; `--resume` continues from it).
+"""
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from accelerate import Accelerator
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+console = Console()
+
+
+@dataclass
+class Args:
+    preset: str = "paper"
+    """`paper` (the defaults below) or `embedded` (the offline task on CPU); explicit flags override it"""
+    exp_name: str = "dpo"
+    seed: int = 1
+    sft_model_path: str = "models/sft_pythia-1b-deduped"
+    """the SFT policy written by sft.py: the initial policy AND the frozen reference (Detail 32)"""
+    dataset_path: str = "data/tldr"
+    """folder written by tldr_dataset.py (holds sft/, preference/, meta.json)"""
+    output_dir: str = "models/dpo_pythia-1b-deduped"
+    beta: float = 0.05
+    """Detail 32: the KL coefficient of the DPO loss and of the implicit reward"""
+    lr: float = 3e-6
+    """Detail 8: one learning rate for SFT, RM, PPO and DPO"""
+    eps: float = 1e-5
+    """Detail 8: AdamW epsilon"""
+    total_batch_size: int = 64
+    """Detail 32: pairs per update over all processes (= per_device_batch_size x accumulation x processes)"""
+    per_device_batch_size: int = 8
+    num_epochs: int = 1
+    """Detail 32: one epoch over the preference training pairs"""
+    num_train_pairs: Optional[int] = None
+    """use only the first N training pairs (None: all)"""
+    bf16: bool = True
+    """mixed precision bf16 where there is a GPU (ignored on CPU)"""
+    eval_every: int = 100
+    """implicit-reward validation every N updates (0: only at the start and the end)"""
+    num_val_pairs: Optional[int] = None
+    """use only the first N pairs of each validation split (None: all)"""
+    per_device_eval_batch_size: int = 16
+    """pairs per forward pass in validation"""
+    num_eval_samples: int = 256
+    """validation queries sampled at the end (Detail 13), judged by the gold judge on the embedded task"""
+    eval_batch_size: int = 32
+    """queries per generate() call"""
+    response_length: int = 53
+    """Detail 13: exactly this many new tokens at evaluation (the released DPO evaluation used 128)"""
+    eval_temperature: float = 0.01
+    """Detail 13: near-greedy evaluation sampling"""
+    gold_task_dir: Optional[str] = None
+    """the embedded task folder: enables the hidden gold judge's win rates"""
+    eval_reference: bool = True
+    """also sample the reference (SFT) policy with the same queries and seed (sft_gold_win_rate)"""
+    save_every: int = 0
+    """checkpoint every N updates (0: never)"""
+    resume: bool = False
+    """continue from `{output_dir}/checkpoint`"""
+    track: bool = False
+    """log to wandb (WANDB_MODE=offline works without network)"""
+    wandb_project: str = "tldr-rlhf"
+
+
+PRESETS = {
+    "paper": Args(),
+    "embedded": Args(
+        preset="embedded",
+        sft_model_path="runs/quickstart/sft",
+        dataset_path="runs/quickstart/dataset",
+        output_dir="runs/quickstart/dpo",
+        lr=1e-4,  # tiny models need a far larger step than Pythia's 3e-6 to move within one short epoch
+        total_batch_size=32,
+        per_device_batch_size=16,
+        eval_every=50,
+        num_val_pairs=500,
+        per_device_eval_batch_size=50,
+        num_eval_samples=200,
+        eval_batch_size=50,
+        gold_task_dir="runs/quickstart/task",
+    ),
+}
+
+
+def parse_args(argv=None) -> Args:
+    argv = sys.argv[1:] if argv is None else argv
+    name = "paper"
+    for i, a in enumerate(argv):
+        if a == "--preset" and i + 1 < len(argv):
+            name = argv[i + 1]
+        elif a.startswith("--preset="):
+            name = a.split("=", 1)[1]
+    if name not in PRESETS:
+        raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {name!r}")
+    return tyro.cli(Args, default=PRESETS[name], args=argv)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------
+def disable_dropout(model: nn.Module):
+    # Detail 7: every dropout probability is 0 (config fields and the modules themselves).
+    for key, value in vars(model.config).items():
+        if (key.endswith("dropout") or key.endswith("pdrop")) and isinstance(value, float):
+            setattr(model.config, key, 0.0)
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for key, value in vars(module).items():  # e.g. attention modules keep `attention_dropout` as a float
+            if key.endswith("dropout") and isinstance(value, float):
+                setattr(module, key, 0.0)
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    # Detail 3: a dedicated [PAD] token, never EOS.
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+    return tokenizer
+
+
+def load_policy(path: str, tokenizer, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    # Detail 3: Pythia's embedding already has spare rows for [PAD]; a smaller one is resized.
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    disable_dropout(model)  # Detail 7 (Detail 32: dropout off for the policy and the reference)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def load_reference(path: str, tokenizer, dtype=torch.float32):
+    # Detail 32: the reference policy is the SFT model itself, frozen and in eval mode.
+    ref = load_policy(path, tokenizer, dtype)
+    ref.eval()
+    ref.requires_grad_(False)
+    return ref
+
+
+def forward(model, ids: torch.Tensor, pad_id: int, **kwargs):
+    # Detail 3: attention mask from the pad id, pads replaced by a valid id before the embedding.
+    mask = ids != pad_id
+    # Detail 11: positions count real tokens only, so left padding does not shift them.
+    position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    return model(input_ids=ids.masked_fill(~mask, 0), attention_mask=mask.long(), position_ids=position_ids, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------
+# DPO: log-probabilities, loss, implicit reward
+# ----------------------------------------------------------------------------------------------------
+def response_mask(ids: torch.Tensor, query_lens: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """True at the response tokens of `query + response` rows, left- or right-padded with `pad_id`."""
+    mask = ids != pad_id
+    # Detail 11 / 32: count real tokens only, so the first `query_len` real tokens are the query whatever
+    # the padding side; pads are never response tokens.
+    real_index = mask.long().cumsum(-1) - 1
+    return mask & (real_index >= query_lens[:, None])
+
+
+def sequence_logprobs(logits: torch.Tensor, ids: torch.Tensor, query_lens: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Detail 32: sum of log p(token) over the response tokens only (query and pads excluded), per row.
+
+    `logits` are the model's outputs on `ids` (B, T, V); token t is predicted by the logits at t - 1.
+    """
+    logits = logits[:, :-1].float()
+    targets = ids[:, 1:].masked_fill(ids[:, 1:] == pad_id, 0)  # a valid id for gather; masked out below
+    token_logp = torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
+    keep = response_mask(ids, query_lens, pad_id)[:, 1:]
+    return torch.where(keep, token_logp, torch.zeros_like(token_logp)).sum(-1)  # Detail 32: pads excluded
+
+
+def trim_right(ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Drops the all-pad columns on the right (right-padded batch): same log-probabilities, less compute."""
+    real = (ids != pad_id).any(0).nonzero()
+    return ids[:, : int(real.max()) + 1] if len(real) else ids
+
+
+def pair_logprobs(model, chosen: torch.Tensor, rejected: torch.Tensor, query_lens: torch.Tensor, pad_id: int):
+    """Summed response log-probabilities of chosen and rejected rows, both in ONE forward pass (Detail 32)."""
+    width = max(chosen.shape[1], rejected.shape[1])
+    both = torch.cat([F.pad(chosen, (0, width - chosen.shape[1]), value=pad_id),
+                      F.pad(rejected, (0, width - rejected.shape[1]), value=pad_id)], 0)
+    both = trim_right(both, pad_id)
+    lens = torch.cat([query_lens, query_lens])
+    logp = sequence_logprobs(forward(model, both, pad_id).logits, both, lens, pad_id)
+    n = chosen.shape[0]
+    return logp[:n], logp[n:]
+
+
+def dpo_loss(pi_chosen: torch.Tensor, pi_rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
+             beta: float):
+    """Detail 32: per-pair loss -logsigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))) and implicit rewards."""
+    chosen_rewards = beta * (pi_chosen - ref_chosen)  # Detail 32: implicit reward beta * (pi - ref)
+    rejected_rewards = beta * (pi_rejected - ref_rejected)
+    losses = -F.logsigmoid(chosen_rewards - rejected_rewards)
+    return losses, chosen_rewards, rejected_rewards
+
+
+def reward_stats(chosen_rewards, rejected_rewards) -> Dict[str, float]:
+    """Detail 32: implicit-reward accuracy (chosen strictly above rejected) and mean margin."""
+    chosen_rewards, rejected_rewards = np.asarray(chosen_rewards, np.float64), np.asarray(rejected_rewards, np.float64)
+    margin = chosen_rewards - rejected_rewards
+    return {"reward_accuracy": float((margin > 0).mean()), "reward_margin": float(margin.mean()),
+            "chosen_reward": float(chosen_rewards.mean()), "rejected_reward": float(rejected_rewards.mean())}
+
+
+def safe_key(s: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in str(s)).strip("_")
+
+
+def validation_metrics(prefix: str, lp: Dict[str, np.ndarray], ds, beta: float) -> Dict[str, float]:
+    """Loss, implicit-reward accuracy / margin (overall, by confidence, by policy pair) and mean log-probs."""
+    losses, cr, rr = dpo_loss(*(torch.as_tensor(lp[k], dtype=torch.float64) for k in ("pi_c", "pi_r", "ref_c", "ref_r")), beta)
+    cr, rr = cr.numpy(), rr.numpy()
+    m = {f"{prefix}_loss": float(losses.mean())}
+    m.update({f"{prefix}_{k}": v for k, v in reward_stats(cr, rr).items()})
+    m[f"{prefix}_chosen_logprob"] = float(lp["pi_c"].mean())
+    m[f"{prefix}_rejected_logprob"] = float(lp["pi_r"].mean())
+    m[f"{prefix}_num_pairs"] = int(len(cr))
+    for column in ("confidence", "policies"):
+        if column not in ds.column_names:
+            continue
+        values = np.asarray(list(ds[column])[: len(cr)], dtype=object)
+        for v in sorted(set(values.tolist()), key=str):
+            sel = values == v
+            s = reward_stats(cr[sel], rr[sel])
+            m[f"{prefix}_reward_accuracy/{column}_{safe_key(v)}"] = s["reward_accuracy"]
+            m[f"{prefix}_reward_margin/{column}_{safe_key(v)}"] = s["reward_margin"]
+            m[f"{prefix}_count/{column}_{safe_key(v)}"] = int(sel.sum())
+    return m
+
+
+PAIR_COLUMNS = ["query_token", "query_chosen_token", "query_rejected_token"]
+
+
+def batch_tensors(batch, pad_id: int):
+    query_lens = (batch["query_token"] != pad_id).sum(1)  # the query length, from its left-padded tokens
+    return batch["query_chosen_token"], batch["query_rejected_token"], query_lens
+
+
+@torch.no_grad()
+def pairs_logprobs(model, ds, pad_id: int, batch_size: int, accelerator) -> Dict[str, np.ndarray]:
+    """Summed response log-probabilities of every pair of `ds` (sharded over processes, gathered in order)."""
+    from accelerate.utils import gather_object
+
+    was_training = model.training
+    model.eval()
+    out = []
+    rank, world = accelerator.process_index, accelerator.num_processes
+    for start in range(rank * batch_size, len(ds), batch_size * world):
+        part = ds.select(range(start, min(start + batch_size, len(ds)))).with_format("torch", columns=PAIR_COLUMNS)[:]
+        batch = {k: part[k].to(accelerator.device) for k in PAIR_COLUMNS}
+        c, r = pair_logprobs(model, *batch_tensors(batch, pad_id), pad_id)
+        out += [(start + i, a, b) for i, (a, b) in enumerate(zip(c.float().tolist(), r.float().tolist()))]
+    if was_training:
+        model.train()
+    out = sorted(gather_object(out) if world > 1 else out)
+    return {"c": np.array([o[1] for o in out]), "r": np.array([o[2] for o in out])}
+
+
+def check_preference_split(ds, name: str):
+    missing = [c for c in PAIR_COLUMNS if c not in ds.column_names]
+    if missing:
+        raise ValueError(f"preference split {name!r} lacks the column(s) {missing} (rebuild it with tldr_dataset.py)")
+    if len(ds) == 0:
+        raise ValueError(f"preference split {name!r} is empty")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sampling and judging (Detail 13)
+# ----------------------------------------------------------------------------------------------------
+def trim_left(ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Drops the all-pad columns on the left (left-padded queries); positions come from the mask (Detail 11)."""
+    real = (ids != pad_id).any(0).nonzero()
+    return ids[:, int(real.min()) :] if len(real) else ids
+
+
+def truncate_after_eos(responses: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tensor:
+    # Detail 21 (used by Detail 13): every token after the first EOS becomes [PAD].
+    after = (responses == eos_id).long().cumsum(1) - (responses == eos_id).long() > 0
+    return responses.masked_fill(after, pad_id)
+
+
+@torch.no_grad()
+def generate(model, queries: torch.Tensor, tokenizer, response_length: int, temperature: float) -> torch.Tensor:
+    from transformers import GenerationConfig
+
+    # Detail 13: temperature 0.01, top_k 0, top_p 1, exactly `response_length` new tokens: eos_token_id=None
+    # so EOS does not stop generation (min_new_tokens would forbid EOS instead).
+    config = GenerationConfig(
+        max_new_tokens=response_length, temperature=temperature, top_k=0, top_p=1.0, do_sample=True,
+        eos_token_id=None, pad_token_id=tokenizer.pad_token_id,
+    )
+    queries = trim_left(queries, tokenizer.pad_token_id)
+    mask = queries != tokenizer.pad_token_id
+    # `generate` fills unset (None) fields from the model's own generation config, so its EOS is lifted too.
+    saved_eos, model.generation_config.eos_token_id = model.generation_config.eos_token_id, None
+    try:
+        out = model.generate(input_ids=queries.masked_fill(~mask, 0), attention_mask=mask.long(), generation_config=config)
+    finally:
+        model.generation_config.eos_token_id = saved_eos
+    return truncate_after_eos(out[:, queries.shape[1] :], tokenizer.eos_token_id, tokenizer.pad_token_id)
+
+
+def decode_responses(tokenizer, responses: torch.Tensor):
+    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+    return [t.strip() for t in texts]
+
+
+def sample_and_judge(model, dataset, tokenizer, args: Args, accelerator, judge=None, tag: str = "dpo"):
+    """Detail 13 samples on validation queries, ROUGE-L against the references and the gold win rate."""
+    from rouge_score import rouge_scorer
+
+    unwrapped = accelerator.unwrap_model(model)
+    was_training = unwrapped.training
+    unwrapped.eval()
+    n = min(args.num_eval_samples, len(dataset))
+    rows = []
+    for start in range(accelerator.process_index * args.eval_batch_size, n, args.eval_batch_size * accelerator.num_processes):
+        part = dataset.select(range(start, min(start + args.eval_batch_size, n)))
+        queries = torch.tensor(part["query_token"], device=accelerator.device)
+        responses = generate(unwrapped, queries, tokenizer, args.response_length, args.eval_temperature)
+        lens = (responses != tokenizer.pad_token_id).sum(1).tolist()
+        for i, text in enumerate(decode_responses(tokenizer, responses)):
+            rows.append(dict(
+                id=part[i]["id"], query=part[i]["query"], response=text, reference=part[i]["summary"],
+                response_token_len=lens[i], reference_token_len=part[i]["reference_response_token_len"],
+            ))
+    if was_training:
+        unwrapped.train()
+    from accelerate.utils import gather_object
+
+    rows = gather_object(rows) if accelerator.num_processes > 1 else rows
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    metrics = {
+        f"{tag}_rougeL": float(np.mean([scorer.score(r["reference"], r["response"])["rougeL"].fmeasure for r in rows])),
+        f"{tag}_mean_response_len": float(np.mean([r["response_token_len"] for r in rows])),
+    }
+    if judge is not None:
+        metrics[f"{tag}_gold_win_rate"] = judge.win_rate([r["query"] for r in rows], [r["response"] for r in rows], [r["reference"] for r in rows])
+        for r in rows:
+            r["gold_score"] = judge.score(r["query"], r["response"])
+            r["gold_reference_score"] = judge.score(r["query"], r["reference"])
+        metrics[f"{tag}_gold_score"] = float(np.mean([r["gold_score"] for r in rows]))
+    return metrics, rows
+
+
+def print_samples(rows, title: str, k: int = 4):
+    table = Table(title=title, show_lines=True)
+    table.add_column("query (end)", max_width=50)
+    table.add_column("model summary", max_width=45)
+    table.add_column("reference", max_width=45)
+    for r in rows[:k]:
+        table.add_row("…" + r["query"][-160:], r["response"], r["reference"])
+    console.print(table)
+
+
+def make_optimizer(model, args: Args, num_updates: int):
+    from transformers import get_cosine_schedule_with_warmup
+
+    # Detail 8: AdamW with eps 1e-5 and the library's default weight decay; no gradient clipping anywhere.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.eps)
+    # Detail 9: cosine decay to 0 over the run, no warm-up.
+    scheduler = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=0, num_training_steps=num_updates)
+    return optimizer, scheduler
+
+
+def set_seed(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def check_batch_arithmetic(args: Args, world_size: int) -> int:
+    per_step = args.per_device_batch_size * world_size
+    if args.total_batch_size % per_step != 0:
+        raise ValueError(
+            f"total_batch_size={args.total_batch_size} is not divisible by per_device_batch_size="
+            f"{args.per_device_batch_size} x processes={world_size} (= {per_step})"
+        )
+    return args.total_batch_size // per_step
+
+
+if __name__ == "__main__":
+    import datasets
+
+    args = parse_args()
+    use_bf16 = args.bf16 and torch.cuda.is_available()
+    accelerator = Accelerator(mixed_precision="bf16" if use_bf16 else "no")
+    grad_accum = check_batch_arithmetic(args, accelerator.num_processes)
+    accelerator.gradient_accumulation_steps = grad_accum
+    os.makedirs(args.output_dir, exist_ok=True)
+    if accelerator.is_main_process:
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+            json.dump(asdict(args), f, indent=2)
+    start_time = time.time()
+
+    # Data: the preference pairs (training, validation) and the SFT validation queries (evaluation samples).
+    pref_path, sft_path = os.path.join(args.dataset_path, "preference"), os.path.join(args.dataset_path, "sft")
+    for path in (pref_path, sft_path):
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"{path} not found: build the data set first with tldr_dataset.py")
+    pref = datasets.load_from_disk(pref_path)
+    for split in ("train", "validation"):
+        if split not in pref:
+            raise ValueError(f"{pref_path}: split {split!r} is missing")
+        check_preference_split(pref[split], split)
+    sft_val = datasets.load_from_disk(sft_path)["validation"]
+    tokenizer = load_tokenizer(args.sft_model_path)
+    meta_path = os.path.join(args.dataset_path, "meta.json")
+    if os.path.exists(meta_path):
+        meta = json.load(open(meta_path))
+        if meta["pad_token_id"] != tokenizer.pad_token_id or meta["eos_token_id"] != tokenizer.eos_token_id:
+            raise ValueError(f"{meta_path}: pad/eos ids {meta['pad_token_id']}/{meta['eos_token_id']} differ from the tokenizer of {args.sft_model_path}")
+    pad_id = tokenizer.pad_token_id
+    judge = None
+    if args.gold_task_dir:
+        from embedded_task import GoldJudge  # the hidden evaluator of the embedded task only
+
+        judge = GoldJudge.from_dir(args.gold_task_dir)
+
+    train = pref["train"]
+    if args.num_train_pairs is not None:
+        train = train.select(range(min(args.num_train_pairs, len(train))))
+    val_splits = {"val": pref["validation"]}
+    if "validation_cnndm" in pref and len(pref["validation_cnndm"]):
+        check_preference_split(pref["validation_cnndm"], "validation_cnndm")
+        val_splits["val_cnndm"] = pref["validation_cnndm"]
+    if args.num_val_pairs is not None:
+        val_splits = {k: v.select(range(min(args.num_val_pairs, len(v)))) for k, v in val_splits.items()}
+
+    set_seed(args.seed)  # Detail 10: identical model initialisation on every process
+    model = load_policy(args.sft_model_path, tokenizer)  # Detail 32: the policy starts from the SFT model
+    ref_model = load_reference(args.sft_model_path, tokenizer)  # Detail 32: frozen SFT reference, eval mode
+    ref_model = accelerator.prepare_model(ref_model, evaluation_mode=True)
+    metrics = {}
+
+    # The reference is frozen: its validation log-probabilities are computed once.
+    ref_val = {k: pairs_logprobs(ref_model, ds, pad_id, args.per_device_eval_batch_size, accelerator) for k, ds in val_splits.items()}
+
+    def run_validation(policy) -> Dict[str, float]:
+        out = {}
+        for key, ds in val_splits.items():
+            lp = pairs_logprobs(policy, ds, pad_id, args.per_device_eval_batch_size, accelerator)
+            out.update(validation_metrics(key, {"pi_c": lp["c"], "pi_r": lp["r"], "ref_c": ref_val[key]["c"], "ref_r": ref_val[key]["r"]}, ds, args.beta))
+        return out
+
+    if args.eval_reference and judge is not None and not args.resume:
+        set_seed(args.seed + accelerator.process_index * 100003)  # Detail 10: sampling differs per process
+        ref_metrics, _ = sample_and_judge(ref_model, sft_val, tokenizer, args, accelerator, judge, tag="sft")
+        metrics.update(ref_metrics)
+        console.print(f"reference (SFT) policy: gold win rate {ref_metrics['sft_gold_win_rate']:.3f}")
+
+    generator = torch.Generator().manual_seed(args.seed)
+    loader = torch.utils.data.DataLoader(train.with_format("torch", columns=PAIR_COLUMNS), batch_size=args.per_device_batch_size,
+                                         shuffle=True, drop_last=True, generator=generator)
+    num_updates = args.num_epochs * (len(train) // args.total_batch_size)
+    if num_updates == 0:
+        raise ValueError(f"preference train split has {len(train)} pairs, fewer than one update of total_batch_size={args.total_batch_size}")
+    optimizer, scheduler = make_optimizer(model, args, num_updates)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    scheduler.split_batches = True  # the scheduler steps once per update (not per process / micro-batch)
+
+    ckpt_dir = os.path.join(args.output_dir, "checkpoint")
+    update = 0
+    if args.resume:
+        if not os.path.isdir(ckpt_dir):
+            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_dir}")
+        accelerator.load_state(ckpt_dir)
+        state = json.load(open(os.path.join(ckpt_dir, "progress.json")))
+        update, metrics = state["update"], state["metrics"]
+        console.print(f"resumed from {ckpt_dir} at update {update}")
+    else:
+        initial = run_validation(model)  # the policy equals the reference: loss log(2), margins 0
+        metrics["initial_val_loss"] = initial["val_loss"]
+    if args.track and accelerator.is_main_process:
+        import wandb
+
+        wandb.init(project=args.wandb_project, name=f"{args.exp_name}_{args.seed}", config=asdict(args))
+    log = open(os.path.join(args.output_dir, "metrics.jsonl"), "a") if accelerator.is_main_process else None
+
+    model.train()
+    micro_per_epoch = num_updates // args.num_epochs * grad_accum
+    stat_keys = ["loss", "reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward", "chosen_logprob", "rejected_logprob"]
+    progress = Progress(TextColumn("[bold]DPO"), BarColumn(), TextColumn("{task.completed}/{task.total} updates"),
+                        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+                        disable=not accelerator.is_main_process)
+    row = {}
+    with progress:
+        task = progress.add_task("dpo", total=num_updates, completed=update, info="")
+        micro = update * grad_accum
+        sums = torch.zeros(len(stat_keys), device=accelerator.device)
+        for epoch in range(args.num_epochs):
+            if micro >= (epoch + 1) * micro_per_epoch:
+                continue
+            if hasattr(loader, "set_epoch"):
+                loader.set_epoch(epoch)
+            skip = micro - epoch * micro_per_epoch  # resume: the data position within the epoch
+            epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
+            for batch in epoch_loader:
+                if micro >= (epoch + 1) * micro_per_epoch:
+                    break
+                chosen, rejected, query_lens = batch_tensors(batch, pad_id)
+                with torch.no_grad():
+                    ref_c, ref_r = pair_logprobs(ref_model, chosen, rejected, query_lens, pad_id)
+                with accelerator.accumulate(model):
+                    pi_c, pi_r = pair_logprobs(model, chosen, rejected, query_lens, pad_id)  # Detail 32: one forward
+                    losses, cr, rr = dpo_loss(pi_c, pi_r, ref_c, ref_r, args.beta)
+                    loss = losses.mean()
+                    accelerator.backward(loss)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
+                with torch.no_grad():
+                    sums += torch.stack([loss.detach(), (cr > rr).float().mean(), (cr - rr).mean(), cr.mean(), rr.mean(),
+                                         pi_c.detach().mean(), pi_r.detach().mean()])
+                micro += 1
+                if micro % grad_accum:
+                    continue
+                update += 1
+                means = (accelerator.reduce(sums, "mean") / grad_accum).tolist()
+                sums.zero_()
+                row = {"update": update, **{f"train/{k}": v for k, v in zip(stat_keys, means)},
+                       "lr": scheduler.get_last_lr()[0], "pairs": update * args.total_batch_size}
+                if args.eval_every and update % args.eval_every == 0 and update < num_updates:
+                    val = run_validation(model)
+                    row.update({f"val/{k[4:]}": v for k, v in val.items() if k.startswith("val_") and "/" not in k})
+                if not math.isfinite(row["train/loss"]):
+                    raise RuntimeError(f"non-finite training loss at update {update}; last checkpoint: {ckpt_dir}")
+                if log:
+                    log.write(json.dumps(row) + "\n")
+                    log.flush()
+                if args.track and accelerator.is_main_process:
+                    wandb.log(row, step=update)
+                progress.update(task, completed=update, info=f"loss {row['train/loss']:.4f} acc {row['train/reward_accuracy']:.2f}")
+                if args.save_every and update % args.save_every == 0 and update < num_updates:
+                    accelerator.save_state(ckpt_dir)
+                    if accelerator.is_main_process:
+                        json.dump({"update": update, "metrics": metrics}, open(os.path.join(ckpt_dir, "progress.json"), "w"))
+
+    metrics.update(run_validation(model))
+    metrics["train_loss"] = row.get("train/loss", float("nan"))
+    metrics["train_reward_accuracy"] = row.get("train/reward_accuracy", float("nan"))
+    metrics["updates"] = update
+    metrics["train_pairs"] = update * args.total_batch_size
+    set_seed(args.seed + accelerator.process_index * 100003)  # Detail 10
+    eval_metrics, rows = sample_and_judge(model, sft_val, tokenizer, args, accelerator, judge, tag="dpo")
+    metrics.update(eval_metrics)
+    if judge is not None:
+        metrics["gold_win_rate"] = metrics["dpo_gold_win_rate"]
+    metrics["wall_seconds"] = time.time() - start_time
+
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.save_pretrained(args.output_dir, is_main_process=accelerator.is_main_process,
+                              save_function=accelerator.save, state_dict=accelerator.get_state_dict(model))
+    if accelerator.is_main_process:
+        tokenizer.save_pretrained(args.output_dir)
+        with open(os.path.join(args.output_dir, "eval_samples.jsonl"), "w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+        with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=2)
+        print_samples(rows, "DPO samples (validation, near-greedy)")
+        console.print({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items() if "/" not in k})
+        if args.track:
+            wandb.log({f"final/{k}": v for k, v in metrics.items()})
+            wandb.finish()

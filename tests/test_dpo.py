@@ -1,0 +1,281 @@
+"""dpo.py: Detail 32 (DPO loss, response log-probabilities, implicit reward) and the shared details it uses
+(3, 7, 8, 9, 11, 13, 21) on a tiny random GPT-NeoX, plus a short end-to-end run on the real data path."""
+
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import dpo
+import tldr_dataset as td
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_model(tokenizer, dropout=0.0, path=None, seed=0):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(seed)
+    config = GPTNeoXConfig(vocab_size=len(tokenizer) + 8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, max_position_embeddings=256, attention_dropout=dropout, hidden_dropout=dropout,
+                           eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
+    model = GPTNeoXForCausalLM(config)
+    if path:
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tok(gpt2_tokenizer_dir):
+    return dpo.load_tokenizer(gpt2_tokenizer_dir)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Detail 32: the loss and the implicit reward on hand-made numbers
+# ------------------------------------------------------------------------------------------------------
+def test_detail32_dpo_loss_hand_computed():
+    # pi_c - ref_c = 2, pi_r - ref_r = -1; beta 0.05 -> rewards 0.1 and -0.05, logit 0.15.
+    losses, cr, rr = dpo.dpo_loss(torch.tensor([-10.0]), torch.tensor([-15.0]), torch.tensor([-12.0]), torch.tensor([-14.0]), 0.05)
+    torch.testing.assert_close(cr, torch.tensor([0.1]))
+    torch.testing.assert_close(rr, torch.tensor([-0.05]))
+    # -logsigmoid(0.15) = log(1 + exp(-0.15)) = 0.620957...
+    assert losses.item() == pytest.approx(0.6209570477895321, abs=1e-6)
+    # A pair the policy ranks the wrong way costs more; beta scales the logit.
+    worse, _, _ = dpo.dpo_loss(torch.tensor([-12.0]), torch.tensor([-14.0]), torch.tensor([-10.0]), torch.tensor([-15.0]), 0.05)
+    assert worse.item() == pytest.approx(math.log1p(math.exp(0.15)), abs=1e-6)
+    assert dpo.Args().beta == 0.05
+
+
+def test_detail32_implicit_reward_accuracy_hand_made():
+    chosen = [0.3, -0.1, 0.0, 0.2]
+    rejected = [0.1, 0.2, 0.0, -0.4]  # right, wrong, tie (counts as wrong: strictly greater), right
+    s = dpo.reward_stats(chosen, rejected)
+    assert s["reward_accuracy"] == 0.5
+    assert s["reward_margin"] == pytest.approx((0.2 - 0.3 + 0.0 + 0.6) / 4)
+    assert s["chosen_reward"] == pytest.approx(0.1) and s["rejected_reward"] == pytest.approx(-0.025)
+
+
+def test_detail32_validation_metrics_overall_and_by_confidence():
+    import datasets
+
+    beta = 0.05
+    # implicit rewards: beta * (pi - ref): chosen 0.05, 0.0, -0.05 ; rejected 0.0, 0.05, -0.1
+    lp = {"pi_c": np.array([1.0, 0.0, -1.0]), "ref_c": np.zeros(3), "pi_r": np.array([0.0, 1.0, -2.0]), "ref_r": np.zeros(3)}
+    ds = datasets.Dataset.from_dict({"confidence": [9, 9, 3], "policies": ["a vs b", "a vs b", "a vs c"]})
+    m = dpo.validation_metrics("val", lp, ds, beta)
+    assert m["val_reward_accuracy"] == pytest.approx(2 / 3)
+    assert m["val_reward_margin"] == pytest.approx((0.05 - 0.05 + 0.05) / 3)
+    assert m["val_reward_accuracy/confidence_9"] == 0.5 and m["val_reward_accuracy/confidence_3"] == 1.0
+    assert m["val_count/confidence_9"] == 2
+    assert m["val_reward_accuracy/policies_a_vs_c"] == 1.0
+    expected_loss = np.mean([math.log1p(math.exp(-x)) for x in (0.05, -0.05, 0.05)])
+    assert m["val_loss"] == pytest.approx(expected_loss)
+    assert m["val_chosen_logprob"] == pytest.approx(0.0) and m["val_rejected_logprob"] == pytest.approx(-1 / 3)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Detail 32 + 3 + 11: response log-probabilities
+# ------------------------------------------------------------------------------------------------------
+def test_detail32_logprobs_sum_response_tokens_only_hand_made():
+    pad, V = 9, 4
+    ids = torch.tensor([[1, 2, 3, 0, pad, pad]])  # query [1, 2], response [3, 0(EOS)], then pads
+    logits = torch.zeros(1, 6, V + 6)  # uniform over 10 ids
+    logits[0, 1, 3] = math.log(7.0)  # makes p(3 | prefix) = 7 / 16 at position 1 (which predicts token 2's successor)
+    out = dpo.sequence_logprobs(logits, ids, torch.tensor([2]), pad)
+    # response tokens: 3 (predicted at position 1) and 0 (predicted at position 2); pads and the query excluded.
+    assert out.item() == pytest.approx(math.log(7 / 16) + math.log(1 / 10), abs=1e-6)
+    assert dpo.response_mask(ids, torch.tensor([2]), pad).tolist() == [[False, False, True, True, False, False]]
+    # The same pair left-padded: the query is still the first two REAL tokens.
+    left = torch.tensor([[pad, pad, 1, 2, 3, 0]])
+    left_logits = torch.zeros(1, 6, V + 6)
+    left_logits[0, 3, 3] = math.log(7.0)
+    assert dpo.response_mask(left, torch.tensor([2]), pad).tolist() == [[False, False, False, False, True, True]]
+    assert dpo.sequence_logprobs(left_logits, left, torch.tensor([2]), pad).item() == pytest.approx(out.item(), abs=1e-6)
+
+
+def test_detail32_detail11_logprobs_match_manual_and_padding_side(tok):
+    model = tiny_model(tok).eval()
+    pad = tok.pad_token_id
+    query, response = [5, 6, 7, 8], [9, 10, 11, tok.eos_token_id]
+    right = torch.tensor([query + response + [pad] * 3])
+    left = torch.tensor([[pad] * 3 + query + response])
+    qlen = torch.tensor([len(query)])
+    a = dpo.sequence_logprobs(dpo.forward(model, right, pad).logits, right, qlen, pad)
+    b = dpo.sequence_logprobs(dpo.forward(model, left, pad).logits, left, qlen, pad)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)  # Detail 11: same positions -> same log-probs
+    # Manual: log p(response token t | everything before it) from the unpadded sequence, summed.
+    seq = torch.tensor([query + response])
+    logp = torch.log_softmax(dpo.forward(model, seq, pad).logits, -1)
+    manual = sum(logp[0, t - 1, seq[0, t]] for t in range(len(query), seq.shape[1]))
+    torch.testing.assert_close(a[0], manual, atol=1e-5, rtol=1e-5)
+
+
+def test_detail32_chosen_and_rejected_in_one_forward(tok):
+    model = tiny_model(tok).eval()
+    pad = tok.pad_token_id
+    calls = []
+    model.register_forward_pre_hook(lambda m, a, kw: calls.append(kw["input_ids"].shape), with_kwargs=True)
+    chosen = torch.tensor([[5, 6, 7, 0, pad, pad], [5, 6, 8, 9, 10, 0]])
+    rejected = torch.tensor([[5, 6, 11, 12, 0, pad], [5, 6, 13, 0, pad, pad]])
+    qlen = torch.tensor([2, 2])
+    c, r = dpo.pair_logprobs(model, chosen, rejected, qlen, pad)
+    assert len(calls) == 1 and calls[0][0] == 4  # one forward pass with both halves
+    # Each equals its own separate computation (the extra pad columns change nothing).
+    for ids, got in ((chosen, c), (rejected, r)):
+        alone = dpo.sequence_logprobs(dpo.forward(model, ids, pad).logits, ids, qlen, pad)
+        torch.testing.assert_close(got, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_detail32_step0_policy_equals_reference_loss_is_log2(tok, tmp_path):
+    tiny_model(tok, dropout=0.1, path=str(tmp_path))
+    policy = dpo.load_policy(str(tmp_path), tok)
+    ref = dpo.load_reference(str(tmp_path), tok)
+    policy.train()  # train mode: with dropout off it must still equal the eval-mode reference exactly
+    assert not ref.training and not any(p.requires_grad for p in ref.parameters())
+    pad = tok.pad_token_id
+    chosen = torch.tensor([[5, 6, 7, 0, pad, pad], [5, 6, 8, 9, 10, 0]])
+    rejected = torch.tensor([[5, 6, 11, 12, 0, pad], [5, 6, 13, 0, pad, pad]])
+    qlen = torch.tensor([2, 2])
+    pc, pr = dpo.pair_logprobs(policy, chosen, rejected, qlen, pad)
+    with torch.no_grad():
+        rc, rr = dpo.pair_logprobs(ref, chosen, rejected, qlen, pad)
+    losses, cr, rrew = dpo.dpo_loss(pc, pr, rc, rr, 0.05)
+    assert torch.equal(cr, torch.zeros(2)) and torch.equal(rrew, torch.zeros(2))
+    assert losses.mean().item() == pytest.approx(math.log(2), abs=1e-7)
+    losses.mean().backward()  # gradients flow to the policy only
+    assert policy.get_input_embeddings().weight.grad is not None
+
+
+# ------------------------------------------------------------------------------------------------------
+# Shared details as used by dpo.py
+# ------------------------------------------------------------------------------------------------------
+def test_detail7_dropout_off(tok, tmp_path):
+    tiny_model(tok, dropout=0.5, path=str(tmp_path))
+    for model in (dpo.load_policy(str(tmp_path), tok), dpo.load_reference(str(tmp_path), tok)):
+        model.train()
+        assert model.config.attention_dropout == 0.0 and model.config.hidden_dropout == 0.0
+        assert all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+        ids = torch.randint(0, 100, (2, 12))
+        assert torch.equal(dpo.forward(model, ids, tok.pad_token_id).logits, dpo.forward(model, ids, tok.pad_token_id).logits)
+
+
+def test_detail3_pad_token_distinct(tok):
+    assert tok.pad_token == "[PAD]" and tok.pad_token_id != tok.eos_token_id
+
+
+def test_detail8_detail9_optimizer_and_cosine_schedule(tok):
+    model = tiny_model(tok)
+    args = dpo.Args()
+    assert args.lr == 3e-6 and args.total_batch_size == 64 and args.num_epochs == 1  # Detail 32 / 8
+    opt, sched = dpo.make_optimizer(model, args, num_updates=10)
+    assert opt.defaults["eps"] == 1e-5 and opt.defaults["lr"] == 3e-6 and isinstance(opt, torch.optim.AdamW)
+    lrs = []
+    for _ in range(10):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(3e-6) and all(a > b for a, b in zip(lrs, lrs[1:]))
+    assert sched.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_detail13_detail21_eval_generation_exact_length(tok):
+    model = tiny_model(tok).eval()
+    pad = tok.pad_token_id
+    queries = torch.tensor([[pad, pad, 5, 6, 7], [5, 6, 7, 8, 9]])
+    torch.manual_seed(0)
+    out = dpo.generate(model, queries, tok, response_length=7, temperature=1e-6)
+    assert out.shape == (2, 7)
+    seq = torch.tensor([[5, 6, 7]])  # Detail 11: the left-padded query decodes like the unpadded one
+    for _ in range(7):
+        seq = torch.cat([seq, dpo.forward(model, seq, pad).logits[:, -1:].argmax(-1)], 1)
+    assert out[0].tolist() == dpo.truncate_after_eos(seq[:, 3:], tok.eos_token_id, pad)[0].tolist()
+    assert dpo.truncate_after_eos(torch.tensor([[3, 0, 4, 0]]), 0, 99).tolist() == [[3, 0, 99, 99]]
+    assert dpo.Args().response_length == 53 and dpo.Args().eval_temperature == 0.01
+
+
+def test_presets_flags_and_bad_input():
+    args = dpo.parse_args(["--preset", "embedded", "--lr", "0.5", "--response_length", "128"])
+    assert args.preset == "embedded" and args.lr == 0.5 and args.response_length == 128
+    assert dpo.parse_args([]).lr == 3e-6
+    with pytest.raises(ValueError, match="--preset"):
+        dpo.parse_args(["--preset", "nope"])
+    with pytest.raises(ValueError, match="total_batch_size=64 is not divisible"):
+        dpo.check_batch_arithmetic(dpo.Args(per_device_batch_size=12), 1)
+    import datasets
+
+    with pytest.raises(ValueError, match="query_rejected_token"):
+        dpo.check_preference_split(datasets.Dataset.from_dict({"query_token": [[1]], "query_chosen_token": [[1]]}), "train")
+
+
+# ------------------------------------------------------------------------------------------------------
+# End to end: raw rows -> tldr_dataset.build -> dpo.py (subprocess)
+# ------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_run_inputs(tmp_path_factory, gpt2_tokenizer_dir, tok):
+    root = tmp_path_factory.mktemp("dpo_e2e")
+    words = "alpha beta gamma delta echo foxtrot golf hotel india juliet kilo lima".split()
+    raw = root / "raw"
+    raw.mkdir()
+    for split, n in (("train", 8), ("validation", 8), ("test", 4)):
+        with open(raw / f"{split}.jsonl", "w") as f:
+            for i in range(n):
+                w = words[i % len(words)]
+                f.write(json.dumps(dict(id=f"{split}{i}", subreddit="test", title=f"about {w}",
+                                        post=f"I keep thinking about {w}.\nIt is {w} all day.", summary=f"{w} all day")) + "\n")
+    cmp = root / "cmp"
+    cmp.mkdir()
+    for split, n in (("train", 64), ("validation", 16)):
+        with open(cmp / f"{split}.jsonl", "w") as f:
+            for i in range(n):
+                w = words[i % len(words)]
+                good, bad = f" {w} all day", f" nothing about {words[(i + 3) % len(words)]}"
+                choice = i % 2
+                summaries = [dict(text=good, policy="ref"), dict(text=bad, policy="sup1")]
+                if choice:
+                    summaries = summaries[::-1]
+                f.write(json.dumps(dict(info=dict(id=f"{split}c{i}", post=f"I keep thinking about {w}.", title=f"about {w}", subreddit="test"),
+                                        summaries=summaries, choice=choice, worker="w", batch="b1", split="valid1" if split == "validation" else "train",
+                                        extra=dict(confidence=1 + i % 3))) + "\n")
+    data = root / "data"
+    td.build(td.Args(sft_dataset=str(raw), preference_dataset=str(cmp), base_model=gpt2_tokenizer_dir, out_dir=str(data),
+                     query_length=48, sft_response_length=12, sft_query_response_length=60, rm_response_length=12, rm_query_response_length=60))
+    model_dir = root / "sft"
+    tiny_model(tok, path=str(model_dir))
+    return data, model_dir
+
+
+def test_dpo_end_to_end_writes_metrics(tiny_run_inputs, tmp_path):
+    data, model_dir = tiny_run_inputs
+    out = tmp_path / "dpo"
+    cmd = [sys.executable, os.path.join(ROOT, "dpo.py"), "--preset", "embedded", "--sft_model_path", str(model_dir),
+           "--dataset_path", str(data), "--output_dir", str(out), "--gold_task_dir", "None", "--total_batch_size", "8",
+           "--per_device_batch_size", "4", "--num_eval_samples", "8", "--eval_batch_size", "8", "--response_length", "6",
+           "--eval_every", "4", "--lr", "3e-3", "--per_device_eval_batch_size", "16"]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    m = json.load(open(out / "metrics.json"))
+    assert m["updates"] == 8
+    assert m["initial_val_loss"] == pytest.approx(math.log(2), abs=1e-6)  # Detail 32: policy == reference at start
+    for key in ("val_loss", "val_reward_accuracy", "val_reward_margin", "val_chosen_logprob", "val_rejected_logprob",
+                "val_reward_accuracy/confidence_1", "dpo_mean_response_len"):
+        assert key in m, key
+    # The chosen summaries are trivially separable: the policy learns them within 8 updates.
+    assert m["val_loss"] < math.log(2) and m["val_reward_accuracy"] > 0.5 and m["val_reward_margin"] > 0
+    for name in ("args.json", "metrics.jsonl", "eval_samples.jsonl", "config.json", "tokenizer_config.json"):
+        assert (out / name).exists(), name
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert len(rows) == 8 and "train/chosen_logprob" in rows[0] and "val/reward_accuracy" in rows[3]
+    sample = json.loads(open(out / "eval_samples.jsonl").readline())
+    assert {"id", "query", "response", "reference", "response_token_len", "reference_token_len"} <= set(sample)
+    # The saved policy loads back and differs from the SFT model it started from.
+    tokenizer = dpo.load_tokenizer(str(out))
+    assert tokenizer.pad_token == "[PAD]"
+    new, old = dpo.load_policy(str(out), tokenizer), dpo.load_policy(str(model_dir), tokenizer)
+    assert not torch.equal(new.get_input_embeddings().weight, old.get_input_embeddings().weight)
