@@ -1012,9 +1012,14 @@ def main(args: Args) -> dict:
         cmp_ids = {r["id"] for r in cmp_rows}
         if not any(r["id"] in cmp_ids for r in rows):
             raise ValueError(f"--compare_samples {args.compare_samples!r} shares no id with {samples_path!r}")
-        if args.max_samples is not None:
-            ids = {r["id"] for r in rows}
-            cmp_rows = [r for r in cmp_rows if r["id"] in ids]
+        ids = {r["id"] for r in rows}
+        n_cmp = len(cmp_rows)
+        cmp_rows = [r for r in cmp_rows if r["id"] in ids]  # judge both models on the same queries only
+        if n_cmp != len(cmp_rows) or len(cmp_rows) != len(rows):
+            console.print(
+                f"[yellow]{len(cmp_rows)} ids shared by the two samples files: {len(rows) - len(cmp_rows)} candidate items "
+                f"have no compare item, {n_cmp - len(cmp_rows)} compare items are not judged[/]"
+            )
         labels["compare"] = os.path.basename(os.path.dirname(os.path.abspath(args.compare_samples))) or "compare"
         if labels["compare"] == labels["candidate"]:
             labels["candidate"], labels["compare"] = "candidate", "compare"

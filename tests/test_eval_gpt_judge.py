@@ -269,9 +269,9 @@ def test_killed_run_resumes_nothing_lost_nothing_paid_twice(server, tmp_path):
 def test_compare_samples_paired_difference_head_to_head_and_outputs(server, tmp_path):
     n = 10
     ppo = write_samples(tmp_path / "ppo.jsonl", n, winners=range(8), lens=[30] * n)
-    sft = write_samples(tmp_path / "sft.jsonl", n, winners=range(4), lens=[15] * n)
+    sft = write_samples(tmp_path / "sft.jsonl", n + 3, winners=range(4), lens=[15] * (n + 3))  # 3 ids PPO lacks
     m = E.main(args_for(server, ppo, tmp_path / "out", compare_samples=sft, head_to_head=True, plot=True))
-    assert m["win_rate"] == 0.8 and m["compare_win_rate"] == 0.4
+    assert m["win_rate"] == 0.8 and m["compare_win_rate"] == 0.4 and m["compare_n_items"] == n  # same queries only
     x, y = np.array([1] * 8 + [0] * 2), np.array([1] * 4 + [0] * 6)
     mean, lo, hi = E.paired_diff_ci(x, y)
     assert m["diff_win_rate"] == pytest.approx(0.4) and m["diff_n_pairs"] == n
