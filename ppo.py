@@ -92,6 +92,8 @@ class Args:
     """passes over each rollout batch"""
     local_rollout_forward_batch_size: int = 64
     """per-process batch of the no-grad generation and forward passes (1B: 64, 2.8B: 32, 6.9B: 4)"""
+    trim_query_padding: bool = True
+    """drop the query columns that are padding in the whole rollout batch (same results, less compute)"""
 
     # optimisation (Detail 8, 9)
     lr: float = 3e-6
@@ -256,12 +258,19 @@ def truncate_response(responses: torch.Tensor, eos_id: int, pad_id: int) -> torc
     return torch.where(keep, responses, pad_id)
 
 
+def trim_left_padding(queries: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Drop the leading columns that are [PAD] in every row: a pure speed-up (positions come from the mask,
+    Detail 11, so every logit stays the same), large when queries are much shorter than query_length."""
+    first = int((queries != pad_id).any(0).long().argmax())  # one host sync per batch
+    return queries[:, first:]
+
+
 def forward(model: nn.Module, query_responses: torch.Tensor, pad_id: int, **kwargs):
     """Detail 3 and 11: attention mask from the pad id, pads replaced by 0 before the embedding, positions from
     the mask (cumsum - 1) so a left-padded query gets the positions it has alone."""
-    mask = query_responses != pad_id
-    position_ids = (mask.cumsum(1) - 1).clamp(min=0)
-    input_ids = query_responses.masked_fill(~mask, 0)
+    mask = query_responses != pad_id  # Detail 3: attention mask from the pad id
+    position_ids = (mask.cumsum(1) - 1).clamp(min=0)  # Detail 11: positions from the mask
+    input_ids = query_responses.masked_fill(~mask, 0)  # Detail 3: pads -> a valid id (0) before the embedding
     return model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, **kwargs)
 
 
@@ -424,7 +433,7 @@ class ScalarModel(PreTrainedModel):
     def __init__(self, config: ScalarModelConfig):
         super().__init__(config)
         self.trunk = AutoModel.from_config(AutoConfig.for_model(**config.base_config))
-        self.scalar_head = nn.Linear(config.hidden_size, 1)
+        self.scalar_head = nn.Linear(config.hidden_size, 1)  # Detail 14: Linear(hidden, 1), loaded from the RM
         self.post_init()
 
     def _init_weights(self, module):  # every weight comes from the reward model checkpoint
@@ -464,7 +473,7 @@ def disable_dropout(model: nn.Module) -> nn.Module:
 
     for module in model.modules():
         if isinstance(module, nn.Dropout):
-            module.p = 0.0
+            module.p = 0.0  # Detail 7: dropout off everywhere
         for name, value in list(vars(module).items()):
             if (name.endswith("dropout") or name.endswith("pdrop")) and isinstance(value, float):
                 setattr(module, name, 0.0)
@@ -514,12 +523,15 @@ def prepare_inference_model(model: nn.Module, accelerator: Accelerator, offload:
         }
         engine, *_ = deepspeed.initialize(model=model, config=ds_config)
         engine.eval()
+        engine.input_device = accelerator.device  # inputs go to the GPU even when the weights are offloaded
         return engine
-    return model.to("cpu" if offload else accelerator.device)
+    model.input_device = torch.device("cpu") if offload else accelerator.device
+    return model.to(model.input_device)
 
 
 def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    """Where a model's inputs must be (set by prepare_inference_model; else where its weights are)."""
+    return getattr(model, "input_device", None) or next(model.parameters()).device
 
 
 @torch.no_grad()
@@ -537,6 +549,7 @@ def reward_scores(reward_model: nn.Module, query_responses: torch.Tensor, pad_id
     """Detail 15: the score is the head's output at the last non-pad token (the response's EOS)."""
     device = model_device(reward_model)
     out = forward(reward_model, query_responses.to(device), pad_id).to(query_responses.device)
+    # Detail 15: the query is left-padded, so the last real token is just before the response's first pad
     last = first_true_indices(query_responses[:, context_length:] == pad_id) - 1 + context_length
     return out[torch.arange(out.size(0), device=out.device), last]
 
@@ -600,6 +613,7 @@ def evaluate(args, accelerator, policy, reward_model, tokenizer, eval_data, judg
     n, world, rank = queries_all.size(0), accelerator.num_processes, accelerator.process_index
     per_rank = math.ceil(n / world)
     rows = torch.arange(rank * per_rank, (rank + 1) * per_rank).clamp(max=n - 1)  # pad with the last row
+    # Detail 13: T = 0.01, top_k 0, top_p 1, exactly response_length new tokens (EOS does not stop generation)
     config = GenerationConfig(max_new_tokens=args.response_length, temperature=args.eval_temperature, top_k=0,
                               top_p=1.0, do_sample=True, eos_token_id=None, pad_token_id=pad_id)
     devices = [accelerator.device] if accelerator.device.type == "cuda" else []
@@ -607,7 +621,8 @@ def evaluate(args, accelerator, policy, reward_model, tokenizer, eval_data, judg
     with torch.random.fork_rng(devices=devices), accelerator.autocast():
         torch.manual_seed(args.seed + rank * 100003 + 999_983)
         for i in range(0, per_rank, args.eval_batch_size):
-            queries = queries_all[rows[i : i + args.eval_batch_size]].to(accelerator.device)
+            queries = queries_all[rows[i : i + args.eval_batch_size]]
+            queries = (trim_left_padding(queries, pad_id) if args.trim_query_padding else queries).to(accelerator.device)
             qr = generate(policy, queries, pad_id, config)
             response = truncate_response(qr[:, queries.size(1):], eos_id, pad_id)  # Detail 21
             qr = torch.cat([queries, response], 1)
@@ -627,7 +642,7 @@ def evaluate(args, accelerator, policy, reward_model, tokenizer, eval_data, judg
             "eval/response_length": lengths.float().mean().item(),
             "eval/non_eos_rate": 1.0 - contain_eos.float().mean().item(),
         }
-        if judge is not None:
+        if judge is not None:  # Detail 31: the judge's win rate against the references
             metrics["eval/gold_win_rate"] = float(judge.win_rate(eval_data["query"], texts, references))
         with open(os.path.join(args.output_dir, "eval_samples.jsonl"), "w") as f:
             for j in range(n):
@@ -683,7 +698,8 @@ def main(args: Args):
     meta_path = os.path.join(args.dataset_path, "meta.json")
     meta = json.load(open(meta_path)) if os.path.isfile(meta_path) else {}
 
-    # ---- models (Detail 19: four separate networks) -------------------------------------------------------------
+    # ---- models -------------------------------------------------------------------------------------------------
+    # Detail 19: four separate networks: policy and reference from SFT, value and reward from the RM
     tokenizer = load_tokenizer(args.sft_model_path)
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     if "pad_token_id" in meta and meta["pad_token_id"] != pad_id:
@@ -699,6 +715,9 @@ def main(args: Args):
     # Detail 9: linear decay, lr at update u (1-based) of U = (1 - (u - 1) / U) * lr; stepped once per update
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda done: 1.0 - done / sizes.num_updates if args.anneal_lr else 1.0)
+    if accelerator.state.deepspeed_plugin is not None:  # no dataloader is prepared: give DeepSpeed the micro-batch
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = (
+            args.per_device_train_batch_size)
     model, optimizer = accelerator.prepare(model, optimizer)  # Detail 30: ZeRO-2 bf16 engine under DeepSpeed
     accelerator.register_for_checkpointing(scheduler)
     ref_policy = prepare_inference_model(ref_policy, accelerator, args.offload)
@@ -774,7 +793,10 @@ def main(args: Args):
     for update in range(start_update + 1, sizes.num_updates + 1):
         # ============ rollout ============
         idx = update_batch_indices(update - 1, train_queries.size(0), args.batch_size, args.seed)
-        queries = train_queries[idx[rank * sizes.local_batch_size : (rank + 1) * sizes.local_batch_size]].to(device)
+        queries = train_queries[idx[rank * sizes.local_batch_size : (rank + 1) * sizes.local_batch_size]]
+        if args.trim_query_padding:
+            queries = trim_left_padding(queries, pad_id)
+        queries = queries.to(device)
         context_length = queries.size(1)
         sync(); t0 = time.perf_counter()
         with torch.no_grad(), accelerator.autocast():
@@ -886,10 +908,11 @@ def main(args: Args):
         phase_time = {"time/generation": t1 - t0, "time/rollout_forward": t2 - t1, "time/training": t3 - t2}
         episodes = update * args.batch_size
         metrics = {"update": update, "episodes": episodes, **dict(zip(keys, reduced)), "val/ratio_max": ratio_max,
-                   "val/ratio_min": -neg_ratio_min, "debug/first_minibatch_ratio_dev": first_mb_dev, "lr": lr_used, "eps": args.batch_size / (t3 - t0), **phase_time}
+                   "val/ratio_min": -neg_ratio_min, "debug/first_minibatch_ratio_dev": first_mb_dev,
+                   "lr": lr_used, "eps": args.batch_size / (t3 - t0), **phase_time}
 
         # ============ evaluation, checkpoint ============
-        if (args.eval_every and update % args.eval_every == 0) or update == sizes.num_updates:
+        if (args.eval_every and update % args.eval_every == 0) or update == sizes.num_updates:  # Detail 31
             model.eval()
             eval_metrics = evaluate(args, accelerator, unwrapped.policy, reward_model, tokenizer, eval_data, judge,
                                     console, update)
