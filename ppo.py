@@ -177,8 +177,8 @@ PRESETS = {
         lr=3e-5,
         eval_every=8,
         eval_at_start=True,
-        num_eval_samples=128,
-        eval_batch_size=64,
+        num_eval_samples=200,  # the first 200 validation queries, as sft.py's embedded preset
+        eval_batch_size=100,
         save_every=8,
         num_threads=2,
     ),
@@ -635,22 +635,26 @@ def evaluate(args, accelerator, policy, reward_model, tokenizer, eval_data, judg
     if accelerator.is_main_process:
         lengths = first_true_indices(responses == pad_id)
         contain_eos = (responses == eos_id).any(1)
-        texts = [tokenizer.decode(r[(r != pad_id) & (r != eos_id)]) for r in responses]
-        references = [ref.replace(tokenizer.eos_token, "") for ref in eval_data["reference_response"]]
+        texts = [t.strip() for t in tokenizer.batch_decode(responses, skip_special_tokens=True)]  # no EOS, no pads
+        references = [ref.replace(tokenizer.eos_token, "").strip() for ref in eval_data["reference_response"]]
         metrics = {
             "eval/rm_score": scores.mean().item(),
             "eval/response_length": lengths.float().mean().item(),
             "eval/non_eos_rate": 1.0 - contain_eos.float().mean().item(),
         }
+        gold_scores = None
         if judge is not None:  # Detail 31: the judge's win rate against the references
             metrics["eval/gold_win_rate"] = float(judge.win_rate(eval_data["query"], texts, references))
+            gold_scores = [float(judge.score(q, t)) for q, t in zip(eval_data["query"], texts)]
+            metrics["eval/gold_score"] = float(np.mean(gold_scores))
         with open(os.path.join(args.output_dir, "eval_samples.jsonl"), "w") as f:
             for j in range(n):
                 f.write(json.dumps({
                     "id": eval_data["id"][j], "query": eval_data["query"][j], "response": texts[j],
                     "reference": references[j], "response_token_len": int(lengths[j]),
                     "reference_token_len": int(eval_data["reference_response_token_len"][j]),
-                    "score": scores[j].item(), "update": update}) + "\n")
+                    "score": scores[j].item(), "update": update,
+                    **({"gold_score": gold_scores[j]} if gold_scores else {})}) + "\n")
         table = Table(title=f"eval samples after update {update}", show_lines=True)
         for col in ("query (end)", "response", "reference", "score"):
             table.add_column(col)

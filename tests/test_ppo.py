@@ -409,7 +409,9 @@ def test_detail20_11_generate_exact_length_positions(models):
     assert seq.shape == (q.size(0), QUERY_LEN + RESP_LEN)
     resp = seq[:, QUERY_LEN:]
     eos_pos = ppo.first_true_indices(resp == 0)
-    assert (eos_pos < RESP_LEN - 1).any()  # EOS was sampled and generation went on after it
+    assert (eos_pos < RESP_LEN - 1).any()  # EOS was sampled ...
+    after_eos = torch.arange(RESP_LEN)[None] > eos_pos[:, None]
+    assert ((resp != pad) & after_eos).any()  # ... and generation went on after it (real tokens, not pads)
     qr = torch.cat([q, resp], 1)
     with torch.no_grad():
         logits = ppo.forward(policy, qr, pad).logits[:, QUERY_LEN - 1 : -1]
