@@ -234,7 +234,9 @@ def wilson_ci(k: float, n: int, z: float = Z95) -> tuple[float, float]:
     denom = 1 + z * z / n
     center = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, center - half), min(1.0, center + half)
+    lo = 0.0 if k <= 0 else max(0.0, center - half)  # exact at the boundaries (no float residue)
+    hi = 1.0 if k >= n else min(1.0, center + half)
+    return lo, hi
 
 
 def paired_diff_ci(x: np.ndarray, y: np.ndarray, z: float = Z95) -> tuple[float, float, float]:
@@ -933,7 +935,9 @@ def plot(metrics: dict, set_names: list[str], labels: dict, path: str):
     rates = [metrics[("" if s == "candidate" else f"{s}_") + "win_rate"] for s in names]
     lows = [metrics[("" if s == "candidate" else f"{s}_") + "win_rate_ci_low"] for s in names]
     highs = [metrics[("" if s == "candidate" else f"{s}_") + "win_rate_ci_high"] for s in names]
-    err = np.array([[r - lo for r, lo in zip(rates, lows)], [hi - r for r, hi in zip(rates, highs)]])
+    err = np.nan_to_num(np.array([[r - lo for r, lo in zip(rates, lows)], [hi - r for r, hi in zip(rates, highs)]], dtype=float))
+    err = np.clip(err, 0.0, None)
+    rates = np.nan_to_num(np.array(rates, dtype=float))
     ax1.bar([labels[s] for s in names], rates, yerr=err, capsize=4, color="tab:blue")
     ax1.axhline(0.5, color="gray", ls="--", lw=1)
     ax1.set_ylim(0, 1)
