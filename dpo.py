@@ -507,14 +507,11 @@ if __name__ == "__main__":
         state = json.load(open(os.path.join(ckpt_dir, "progress.json")))
         update, metrics = state["update"], state["metrics"]
         console.print(f"resumed from {ckpt_dir} at update {update}")
-    else:
-        initial = run_validation(model)  # the policy equals the reference: loss log(2), margins 0
-        metrics["initial_val_loss"] = initial["val_loss"]
     if args.track and accelerator.is_main_process:
         import wandb
 
         wandb.init(project=args.wandb_project, name=f"{args.exp_name}_{args.seed}", config=asdict(args))
-    log = open(os.path.join(args.output_dir, "metrics.jsonl"), "a") if accelerator.is_main_process else None
+    log = open(os.path.join(args.output_dir, "metrics.jsonl"), "a" if args.resume else "w") if accelerator.is_main_process else None
 
     model.train()
     micro_per_epoch = num_updates // args.num_epochs * grad_accum
@@ -558,7 +555,10 @@ if __name__ == "__main__":
                 means = (accelerator.reduce(sums, "mean") / grad_accum).tolist()
                 sums.zero_()
                 row = {"update": update, **{f"train/{k}": v for k, v in zip(stat_keys, means)},
-                       "lr": scheduler.get_last_lr()[0], "pairs": update * args.total_batch_size}
+                       "lr": scheduler.get_last_lr()[0], "pairs": update * args.total_batch_size,
+                       "elapsed_s": time.time() - start_time}
+                if update == 1:  # Detail 32: the policy equals the reference on the first update: loss log(2)
+                    metrics["initial_train_loss"] = row["train/loss"]
                 if args.eval_every and update % args.eval_every == 0 and update < num_updates:
                     val = run_validation(model)
                     row.update({f"val/{k[4:]}": v for k, v in val.items() if k.startswith("val_") and "/" not in k})

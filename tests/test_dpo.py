@@ -262,7 +262,7 @@ def test_dpo_end_to_end_writes_metrics(tiny_run_inputs, tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     m = json.load(open(out / "metrics.json"))
     assert m["updates"] == 8
-    assert m["initial_val_loss"] == pytest.approx(math.log(2), abs=1e-6)  # Detail 32: policy == reference at start
+    assert m["initial_train_loss"] == pytest.approx(math.log(2), abs=1e-6)  # Detail 32: policy == reference at start
     for key in ("val_loss", "val_reward_accuracy", "val_reward_margin", "val_chosen_logprob", "val_rejected_logprob",
                 "val_reward_accuracy/confidence_1", "dpo_mean_response_len"):
         assert key in m, key
