@@ -113,6 +113,9 @@ class Args:
     """use only the first N pairs of each validation split; None = all"""
     norm_num_samples: Optional[int] = None
     """number of SFT train (query, reference) sequences for the reward normalisation; None = all"""
+    norm_recompute_samples: Optional[int] = None
+    """after the shift, re-score this many of the normalisation sequences (None = all) to check the saved bias;
+    with a subset, the after-normalisation mean/std are `before - mean` over the whole set"""
     num_table_rows: int = 4
     """validation pairs shown in the rich table"""
     gold_task_dir: Optional[str] = None
@@ -643,6 +646,9 @@ def main(args: Args) -> Dict[str, float]:
                     running_loss, running_acc = [], []
                     if update % args.log_every == 0 or update == num_updates:
                         progress.update(task, description=f"train RM loss {stats[0]:.3f} acc {stats[1]:.3f}")
+                        if not console.is_terminal:  # no live bar in a log file: print a line instead
+                            console.print(f"update {update}/{num_updates} loss {stats[0]:.4f} acc {stats[1]:.3f} "
+                                          f"lr {lr_now:.2e} {time.time() - t_train:.0f}s")
                         if tracker is not None:
                             tracker.log({"train/loss": float(stats[0]), "train/accuracy": float(stats[1]),
                                          "train/lr": lr_now, "train/epoch": epoch + update / num_updates},
@@ -674,11 +680,20 @@ def main(args: Args) -> Dict[str, float]:
                 # Detail 17: subtract the mean reference reward through the head's bias (the saved model carries it)
                 unwrapped.scalar_head.bias -= mean_before
             unwrapped.config.reward_norm_shift = mean_before
-            after = score_sequences(accelerator, model, ref_ds, "query_reference_response_token", pad_id,
-                                    args.per_device_eval_batch_size, progress, "normalise: check")
+            # re-score after the shift: the whole set, or (speed) its first N rows compared with `before - mean`
+            n_check = len(ref_ds) if args.norm_recompute_samples is None else min(args.norm_recompute_samples, len(ref_ds))
+            rescored = score_sequences(accelerator, model, ref_ds.select(range(n_check)),
+                                       "query_reference_response_token", pad_id, args.per_device_eval_batch_size,
+                                       progress, "normalise: check")
+            expected = before - mean_before
+            diff = float(np.abs(rescored - expected[:n_check]).max())
+            after = rescored if n_check == len(ref_ds) else expected
+            if diff > 1e-2 * max(1.0, float(np.abs(before).max())):
+                raise RuntimeError(f"reward normalisation: re-scored rewards differ from before - mean by {diff}")
             metrics.update({"reward_mean_before_norm": mean_before, "reward_std_before_norm": float(before.std()),
                             "reward_mean_after_norm": float(after.mean()), "reward_std_after_norm": float(after.std()),
-                            "norm_num_samples": len(ref_ds), "head_bias": float(unwrapped.scalar_head.bias.item())})
+                            "norm_num_samples": len(ref_ds), "norm_check_samples": n_check,
+                            "norm_check_max_abs_diff": diff, "head_bias": float(unwrapped.scalar_head.bias.item())})
             console.print(f"reward on {len(ref_ds)} SFT train references: mean {mean_before:+.4f} std {before.std():.4f}"
                           f" before, mean {after.mean():+.4f} std {after.std():.4f} after normalisation")
         else:
