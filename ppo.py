@@ -5,7 +5,8 @@
     python ppo.py --preset embedded --sft_model_path ... --reward_model_path ... --dataset_path ...   # CPU
 
 Layout: Args and presets -> the small pure functions of PPO (each detail of DETAILS.md commented with its
-number where it happens) -> model helpers -> the training loop under `if __name__ == "__main__":`.
+number where it happens) -> models -> checkpoints -> evaluation -> `main`, the training loop: rollout, rewards and
+advantages, PPO epochs, logging, evaluation, checkpointing.
 """
 
 import json
@@ -23,7 +24,6 @@ import torch
 import torch.nn as nn
 import tyro
 from accelerate import Accelerator
-from accelerate.utils import gather_object
 from rich.console import Console
 from rich.pretty import pprint
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
