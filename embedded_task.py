@@ -313,7 +313,7 @@ class GenConfig:
     target_agreement: float = 0.75  # label agreement with the noiseless judge (human raters agree ~70-80%)
     p_ref_miss: float = 0.25  # a human reference misses 1-2 salient facts
     p_ref_irrelevant: float = 0.15  # a human reference carries an irrelevant detail
-    version: int = 1
+    version: int = 2  # bump when the generator's output changes
 
 
 def _age_gender(rng: random.Random, other: str, narrator_age: int) -> Tuple[int, str]:
@@ -453,7 +453,7 @@ def compose_summary(rec: dict, rng: random.Random, drop: Sequence[str] = (), ext
         subj = f"my {p['other']}" + (f" ({p['other_age']})" if rng.random() < 0.3 and not concise else "")
     else:
         subj = p["other_dur"]
-    ev = p["event"] if "event" in drop else p["event"]
+    ev = p["event"]
     if "event" in drop:
         ev = rng.choice(["did something that really upset me", "did something messed up", "and I had a big fight"])
     if "narrator" in drop:
@@ -711,6 +711,8 @@ def score_against_record(rec: dict, summary: str, w: JudgeWeights = JudgeWeights
 def post_from_query(query_or_post: str) -> Tuple[Optional[str], str]:
     """(title or None, post text) from a Detail-1 query (text between "POST: " and "\\n\\nTL;DR:") or a raw post."""
     q = query_or_post
+    if PAD_TOKEN in q or EOS_TOKEN in q:
+        q = q.replace(PAD_TOKEN, "").replace(EOS_TOKEN, "")
     i = q.find("\n\nPOST: ")
     if q.startswith("SUBREDDIT:") and i >= 0:
         j = q.rfind("\n\nTL;DR:")
@@ -729,8 +731,10 @@ class GoldJudge:
         self.records = {r["id"]: r for r in records}
         self.by_post = {r["post"]: r for r in records}
         self.by_prefix: Dict[str, List[dict]] = {}
+        self.by_title: Dict[str, List[dict]] = {}
         for r in records:
             self.by_prefix.setdefault(r["post"][:48], []).append(r)
+            self.by_title.setdefault(r["title"].strip(), []).append(r)
 
     @classmethod
     def from_dir(cls, task_dir: str) -> "GoldJudge":
@@ -745,7 +749,9 @@ class GoldJudge:
         if r is not None:
             return r
         post_s = post.strip()
-        for r in self.by_prefix.get(post_s[:48], []):  # the post may be smart-truncated (Detail 2)
+        # the post may be smart-truncated (Detail 2): match the title and the start of the post
+        cands = self.by_prefix.get(post_s[:48], []) if len(post_s) >= 48 else self.by_title.get((title or "").strip(), [])
+        for r in cands:
             if r["post"].startswith(post_s) and (title is None or r["title"].strip() == title.strip()):
                 return r
         raise KeyError(f"GoldJudge: unknown post (not in gold/records.jsonl): {post_s[:80]!r}")
@@ -867,7 +873,8 @@ def make_comparisons(seed: int, split: str, n: int, cfg: GenConfig, seen: set) -
 
 def label_comparisons(drafts: List[dict], seed: int, split: str, temperature: float,
                       w: JudgeWeights = JudgeWeights()) -> Tuple[List[dict], dict]:
-    rows, agree, n_nontie, n_tie = [], 0, 0, 0
+    rows, agree, n_nontie, n_tie, n_hard = [], 0, 0, 0, 0
+    by_conf: Dict[int, List[int]] = {}
     for d in drafts:
         rng = _rng(seed, "label", split, d["k"])
         rec = d["rec"]
@@ -875,22 +882,29 @@ def label_comparisons(drafts: List[dict], seed: int, split: str, temperature: fl
         b = score_against_record(rec, d["sb"], w)
         worker = rng.randrange(24)
         t = temperature * (0.75 + 0.5 * (worker / 23))  # raters differ in how noisy they are
-        p_a = 1.0 / (1.0 + math.exp(-(a - b) / t))
-        choice = 0 if rng.random() < p_a else 1
+        # Bradley-Terry rater: the perceived gap is the true gap plus logistic noise of scale t, so
+        # P(choice = 0) = sigmoid((a - b) / t)
+        u = min(max(rng.random(), 1e-12), 1 - 1e-12)
+        perceived = (a - b) + t * math.log(u / (1 - u))
+        choice = 0 if perceived > 0 else 1
+        # extra.confidence 1..9 like the real data: grows with the perceived gap (plus a little rater noise)
+        conf = int(min(9, max(1, round(1 + 8 * math.tanh(abs(perceived) / (2.5 * t)) + rng.gauss(0, 0.7)))))
+        n_hard += abs(a - b) < 0.5
         if abs(a - b) > 1e-9:
             n_nontie += 1
             agree += (choice == 0) == (a > b)
+            by_conf.setdefault(conf, []).append(int((choice == 0) == (a > b)))
         else:
             n_tie += 1
-        p_chosen = p_a if choice == 0 else 1 - p_a
-        conf = int(min(9, max(1, round(1 + 8 * max(0.0, 2 * p_chosen - 1) + rng.gauss(0, 1.5)))))
         rows.append(dict(
             info=dict(id=rec["id"], post=rec["post"], title=rec["title"], subreddit=rec["subreddit"]),
             summaries=[dict(text=" " + d["sa"].strip(), policy=d["pa"], note=""),  # Detail 4: summaries start with a space
                        dict(text=" " + d["sb"].strip(), policy=d["pb"], note="")],
             choice=choice, worker=f"worker{worker:02d}", batch=f"batch{1 + d['k'] % 10}",
             split="train" if split == "train" else "valid1", extra=dict(confidence=conf)))
-    stats = dict(label_agreement=agree / max(1, n_nontie), ties=n_tie, n=len(rows))
+    stats = dict(label_agreement=agree / max(1, n_nontie), ties=n_tie, n=len(rows), hard_pairs=n_hard / max(1, len(rows)),
+                 label_agreement_by_confidence={str(c): sum(v) / len(v) for c, v in sorted(by_conf.items())},
+                 confidence_counts={str(c): len(v) for c, v in sorted(by_conf.items())})
     return rows, stats
 
 
@@ -993,11 +1007,24 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int, out_dir: str):
 # 7. Tiny GPT-NeoX base models
 # =====================================================================================================
 
-MODEL_SIZES = {  # hidden, layers, heads, pretraining steps, learning rate
-    "s": dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, steps=400, lr=3e-3),
-    "m": dict(hidden_size=128, num_hidden_layers=6, num_attention_heads=4, steps=300, lr=2e-3),
-    "l": dict(hidden_size=256, num_hidden_layers=6, num_attention_heads=8, steps=250, lr=1e-3),
+MODEL_SIZES = {  # hidden, layers, heads, pretraining steps (of 8 x 256 tokens), learning rate
+    "s": dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, steps=500, lr=3e-3),
+    "m": dict(hidden_size=128, num_hidden_layers=5, num_attention_heads=4, steps=400, lr=2e-3),
+    "l": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, steps=400, lr=2e-3),
 }
+
+
+def pick_num_threads(requested: int = 0) -> int:
+    """Torch threads for pretraining: `requested` if > 0, else min(2, cores) on an idle machine and 1 when the
+    machine is already busy (two threads on oversubscribed cores run ~5x slower than one)."""
+    if requested > 0:
+        return requested
+    cores = os.cpu_count() or 1
+    try:
+        busy = os.getloadavg()[0] > max(0.5, cores - 1.5)
+    except OSError:
+        busy = False
+    return 1 if busy else min(2, cores)
 
 
 def padded_vocab_size(n_tokens: int, multiple: int = 64, spare: int = 8) -> int:
@@ -1030,11 +1057,12 @@ def pack_tokens(tokenizer, texts: Sequence[str], block: int) -> "torch.Tensor":
 
 
 def pretrain(size: str, tokenizer, texts: Sequence[str], out_dir: str, seed: int, steps: Optional[int] = None,
-             batch_size: int = 16, block: int = 256, log=print) -> dict:
+             batch_size: int = 8, block: int = 256, log=print, num_threads: int = 0) -> dict:
     import torch
     from transformers import GPTNeoXForCausalLM
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    threads = pick_num_threads(num_threads)
+    torch.set_num_threads(threads)
     torch.manual_seed(seed)
     spec = MODEL_SIZES[size]
     steps = steps or spec["steps"]
@@ -1084,7 +1112,7 @@ def pretrain(size: str, tokenizer, texts: Sequence[str], out_dir: str, seed: int
     tokenizer.save_pretrained(out_dir)
     info = dict(size=size, n_params=n_params, steps=steps, batch_size=batch_size, block=block, lr=spec["lr"],
                 train_tokens=steps * batch_size * block, first_loss=losses[0], final_train_loss=sum(losses[-20:]) / len(losses[-20:]),
-                val_loss_init=v0, val_loss=v1, seconds=secs, config=cfg.to_dict())
+                val_loss_init=v0, val_loss=v1, seconds=secs, num_threads=threads, config=cfg.to_dict())
     log(f"base-{size}: {n_params / 1e6:.2f}M params, loss {losses[0]:.3f} -> {info['final_train_loss']:.3f}, "
         f"val {v0:.3f} -> {v1:.3f}, {secs:.0f}s")
     return info
@@ -1110,15 +1138,22 @@ class Args:
     vocab_size: int = 3000
     pretrain_steps: int = 0
     """pretraining steps for every size (0 = the size's default)"""
-    pretrain_batch_size: int = 16
+    pretrain_batch_size: int = 8
     pretrain_block: int = 256
     target_agreement: float = 0.75
+    num_threads: int = 0
+    """torch threads for pretraining (0 = min(2, cores), or 1 when the machine is busy)"""
     force: bool = False
     """rebuild every part even when it exists with the same config"""
 
 
 def _stamp(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _file_hash(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]
 
 
 def _read_json(path: str) -> Optional[dict]:
@@ -1184,7 +1219,6 @@ def build(args: Args, log=print) -> dict:
         task["tokenizer_stamp"] = tok_stamp
         task.setdefault("timings", {})["tokenizer_seconds"] = time.time() - t0
         task["stats"].update(token_stats(out, tok))
-        task.pop("base_models", None)
         _write_json(task_path, task)
         log(f"tokenizer: {len(tok)} tokens in {task['timings']['tokenizer_seconds']:.1f}s; "
             f"queries <= 256 tokens: {task['stats']['query_fits_256']:.4f}")
@@ -1200,13 +1234,19 @@ def build(args: Args, log=print) -> dict:
     base = task.setdefault("base_models", {})
     for i, s in enumerate(sizes):
         mdir = os.path.join(out, f"base-{s}")
-        stamp = _stamp([tok_stamp, MODEL_SIZES[s], args.pretrain_steps, args.pretrain_batch_size, args.pretrain_block])
-        if not args.force and base.get(s, {}).get("stamp") == stamp and os.path.exists(os.path.join(mdir, "config.json")):
+        # content hashes: a rebuilt but identical tokenizer / corpus does not force a new pretraining run
+        stamp = _stamp([_file_hash(os.path.join(tok_dir, "tokenizer.json")),
+                        _file_hash(os.path.join(out, "gold/pretrain_texts.jsonl")), args.seed, MODEL_SIZES[s],
+                        args.pretrain_steps, args.pretrain_batch_size, args.pretrain_block])
+        prev = _read_json(os.path.join(mdir, "pretrain.json")) or {}
+        if not args.force and prev.get("stamp") == stamp and os.path.exists(os.path.join(mdir, "model.safetensors")):
+            base[s] = prev
             log(f"base-{s}: up to date")
             continue
         texts = [json.loads(line)["text"] for line in open(os.path.join(out, "gold/pretrain_texts.jsonl"), encoding="utf-8")]
         info = pretrain(s, tok, texts, mdir, seed=args.seed * 1000 + i, steps=args.pretrain_steps or None,
-                        batch_size=args.pretrain_batch_size, block=args.pretrain_block, log=log)
+                        batch_size=args.pretrain_batch_size, block=args.pretrain_block, log=log,
+                        num_threads=args.num_threads)
         info["stamp"] = stamp
         info.pop("config")
         base[s] = info

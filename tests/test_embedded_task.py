@@ -15,7 +15,7 @@ def task_dir(tmp_path_factory):
     """A small task with the tokenizer and a very short-pretrained base-s model."""
     out = str(tmp_path_factory.mktemp("task"))
     args = et.Args(out_dir=out, seed=3, sizes="s", vocab_size=1000, pretrain_steps=3, pretrain_batch_size=4,
-                   pretrain_block=64, **SMALL)
+                   pretrain_block=64, num_threads=1, **SMALL)
     et.build(args, log=lambda *a: None)
     return out
 
@@ -133,6 +133,8 @@ def test_judge_api(data, judge):
     # a smart-truncated post (Detail 2 cuts the post back to a newline) still finds its record
     cut = rec["post"][: rec["post"].rfind("\n")] if "\n" in rec["post"] else rec["post"][:-5]
     assert judge.record(et.format_query(rec["subreddit"], rec["title"], cut))["id"] == rec["id"]
+    assert judge.record(et.format_query(rec["subreddit"], rec["title"], rec["post"][:20] + "\n"))["id"] == rec["id"]
+    assert judge.record("[PAD][PAD]" + _query(rec))["id"] == rec["id"]
     with pytest.raises(KeyError, match="unknown post"):
         judge.score("SUBREDDIT: r/x\n\nTITLE: y\n\nPOST: nothing like this\n\nTL;DR:", "x")
 
@@ -225,7 +227,8 @@ def test_pretraining_reduces_loss_and_is_deterministic(tmp_path):
              for r in (et.make_post(2, "pre", i, set()) for i in range(120))]
     tok = et.train_tokenizer(texts, 600, str(tmp_path / "tok"))
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
-    a = et.pretrain("s", tok, texts, str(tmp_path / "a"), seed=1, steps=30, batch_size=4, block=64, log=lambda *x: None)
-    b = et.pretrain("s", tok, texts, str(tmp_path / "b"), seed=1, steps=30, batch_size=4, block=64, log=lambda *x: None)
+    kw = dict(seed=1, steps=30, batch_size=4, block=64, log=lambda *x: None, num_threads=1)
+    a = et.pretrain("s", tok, texts, str(tmp_path / "a"), **kw)
+    b = et.pretrain("s", tok, texts, str(tmp_path / "b"), **kw)
     assert a["val_loss"] < a["val_loss_init"] - 0.5
     assert a["val_loss"] == b["val_loss"] and a["final_train_loss"] == b["final_train_loss"]
