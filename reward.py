@@ -500,7 +500,7 @@ def truncate_after_eos(responses: torch.Tensor, eos_id: int, pad_id: int) -> tor
 @torch.no_grad()
 def generate_greedy(policy, queries: torch.Tensor, pad_id: int, response_length: int, temperature: float):
     # Detail 13: near-greedy evaluation sampling (T=0.01, top_k 0, top_p 1, exactly R new tokens, EOS does not stop)
-    config = GenerationConfig(max_new_tokens=response_length, min_new_tokens=None, temperature=temperature + 1e-7,
+    config = GenerationConfig(max_new_tokens=response_length, min_new_tokens=None, temperature=temperature,
                               top_k=0, top_p=1.0, do_sample=True, eos_token_id=None, pad_token_id=pad_id)
     mask = queries != pad_id
     out = policy.generate(input_ids=queries.masked_fill(~mask, INVALID_PAD_ID), attention_mask=mask.long(),
