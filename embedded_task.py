@@ -263,6 +263,12 @@ SUBREDDITS = {
     "family": ["relationships", "Advice", "family"], "parent": ["relationships", "Advice", "family"],
     "work": ["Advice", "jobs", "careerguidance"], "neighbor": ["Advice", "AskReddit", "relationships"],
 }
+# glue words: a summary made almost only of fact keywords ("24f bf 3 years birthday hurt") is incoherent
+GLUE_WORDS = {"my", "i", "i'm", "i've", "me", "and", "of", "the", "to", "a", "an", "is", "am", "are", "should", "how",
+              "do", "does", "with", "for", "about", "at", "in", "on", "he", "she", "him", "her", "his", "we", "our",
+              "it", "this", "that", "so", "but", "has", "have", "been", "was", "did", "feel", "feeling", "what", "can",
+              "now", "up", "out", "after", "over", "who", "from", "just", "be", "not", "never", "won't", "didn't",
+              "back", "really", "also", "there", "or", "without"}
 # words that make a summary look cut off when they end it (Detail-free: judge heuristics)
 TRAILING_FUNCTION_WORDS = {"and", "the", "a", "an", "my", "to", "of", "with", "but", "he", "she", "i", "for", "in",
                            "on", "at", "so", "that", "is", "was", "his", "her", "about", "or", "because", "who", "we"}
@@ -313,7 +319,7 @@ class GenConfig:
     target_agreement: float = 0.75  # label agreement with the noiseless judge (human raters agree ~70-80%)
     p_ref_miss: float = 0.25  # a human reference misses 1-2 salient facts
     p_ref_irrelevant: float = 0.15  # a human reference carries an irrelevant detail
-    version: int = 2  # bump when the generator's output changes
+    version: int = 3  # bump when the generator's output changes
 
 
 def _age_gender(rng: random.Random, other: str, narrator_age: int) -> Tuple[int, str]:
@@ -634,6 +640,8 @@ class JudgeWeights:
     repeat_fact: float = 0.5  # per mention of one value beyond the second
     nonword: float = 0.5  # per unknown word
     truncated: float = 0.3  # ends on a function word
+    incoherent: float = 3.0  # keyword salad: scaled by how far the share of glue words is below min_glue
+    min_glue: float = 0.2
     per_word: float = 0.01  # slight preference for brevity (breaks ties between complete summaries)
     soft_limit_words: int = 32
     over_limit: float = 0.1  # per word beyond the soft limit
@@ -698,13 +706,15 @@ def score_against_record(rec: dict, summary: str, w: JudgeWeights = JudgeWeights
     rep_ngrams = len(tri) - len(set(tri))
     nonwords = sum(1 for wd in _WORD_RE.findall(text.lower()) if wd not in KNOWN_WORDS)
     n_words = len(text.split())
+    glue = sum(1 for t in toks if t in GLUE_WORDS) / max(1, len(toks))
+    incoherent = max(0.0, w.min_glue - glue) / w.min_glue if len(toks) >= 4 else 0.0
     truncated = bool(toks) and toks[-1] in TRAILING_FUNCTION_WORDS and not text.rstrip().endswith((".", "?", "!"))
     score = (cover - w.wrong * wrong - w.irrelevant * irr - w.invented_detail * inv - w.repeat_ngram * rep_ngrams
-             - w.repeat_fact * rep_fact - w.nonword * nonwords - w.truncated * truncated - w.per_word * n_words
+             - w.repeat_fact * rep_fact - w.nonword * nonwords - w.truncated * truncated - w.incoherent * incoherent - w.per_word * n_words
              - w.over_limit * max(0, n_words - w.soft_limit_words))
     if details:
         return score, dict(cover=cover, wrong=wrong, irrelevant=irr, invented=inv, repeated_ngrams=rep_ngrams,
-                           repeated_facts=rep_fact, nonwords=nonwords, truncated=truncated, words=n_words)
+                           repeated_facts=rep_fact, nonwords=nonwords, truncated=truncated, incoherent=incoherent, words=n_words)
     return score
 
 

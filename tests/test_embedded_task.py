@@ -119,6 +119,9 @@ def test_judge_not_fooled_by_degenerate_text(data, judge):
     assert judge.score(q, rec["title"] + " " + rec["post"][:400]) < judge.score(q, good) - 3
     assert judge.score(q, "") < judge.score(q, good)
     assert judge.score(q, "bf bf bf bf bf bf birthday birthday birthday") < 2
+    rec_words = et.compose_summary(rec, et._rng(0, "t"), concise=True)
+    salad = " ".join(w for w in et._TOKEN_RE.findall(rec_words.lower()) if w not in et.GLUE_WORDS)
+    assert judge.score(q, salad) < judge.score(q, good) - 2  # keyword salad is not a summary
 
 
 def test_judge_api(data, judge):
