@@ -1025,16 +1025,13 @@ MODEL_SIZES = {  # hidden, layers, heads, pretraining steps (of 8 x 256 tokens),
 
 
 def pick_num_threads(requested: int = 0) -> int:
-    """Torch threads for pretraining: `requested` if > 0, else min(2, cores) on an idle machine and 1 when the
-    machine is already busy (two threads on oversubscribed cores run ~5x slower than one)."""
+    """Torch threads for pretraining: `requested` if > 0, else min(2, cores). A fixed number, never one read off the
+    machine's load: the thread count changes the order of float reductions, and the same seed must give the same
+    model on the same machine. (On a machine already busy with other jobs, pass --num_threads 1: two threads on
+    oversubscribed cores were measured ~6x slower than one.)"""
     if requested > 0:
         return requested
-    cores = os.cpu_count() or 1
-    try:
-        busy = os.getloadavg()[0] > max(0.5, cores - 1.5)
-    except OSError:
-        busy = False
-    return 1 if busy else min(2, cores)
+    return min(2, os.cpu_count() or 1)
 
 
 def padded_vocab_size(n_tokens: int, multiple: int = 64, spare: int = 8) -> int:
@@ -1152,7 +1149,7 @@ class Args:
     pretrain_block: int = 256
     target_agreement: float = 0.75
     num_threads: int = 0
-    """torch threads for pretraining (0 = min(2, cores), or 1 when the machine is busy)"""
+    """torch threads for pretraining (0 = min(2, cores); 1 on a machine busy with other jobs)"""
     force: bool = False
     """rebuild every part even when it exists with the same config"""
 
