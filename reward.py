@@ -127,7 +127,8 @@ class Args:
     gen_temperature: float = 0.01
     """sampling temperature of the gold-eval samples (Detail 13)"""
     save_seen_ids: bool = False
-    """debug: write the training pair indices each rank saw to output_dir/seen_ids_rank{r}.json"""
+    """debug: write the training pair indices each rank saw (and its initial head weights) to
+    output_dir/seen_ids_rank{r}.json"""
     log_every: int = 10
     """log the running train loss / accuracy every this many updates"""
 
@@ -597,6 +598,7 @@ def main(args: Args) -> Dict[str, float]:
     disable_dropout(model)  # Detail 7
     model.config.base_config = model.trunk.config.to_dict()
     model.config.pad_token_id = pad_id
+    init_head_weight = model.scalar_head.weight.detach().flatten()[:8].tolist()  # Detail 10: same on every rank
     optimizer, scheduler = make_optimizer_and_scheduler(model.parameters(), args.lr, args.eps, num_updates)
     # The scheduler is stepped by hand once per update (not prepared: accelerate would step it once per process).
     train_loader = tensor_loader(train_ds.add_column("_row", list(range(len(train_ds)))),
@@ -656,7 +658,7 @@ def main(args: Args) -> Dict[str, float]:
     train_seconds = time.time() - t_train
     if args.save_seen_ids:
         with open(os.path.join(args.output_dir, f"seen_ids_rank{accelerator.process_index}.json"), "w") as f:
-            json.dump(seen_rows, f)
+            json.dump({"rows": seen_rows, "init_head_weight": init_head_weight}, f)
     metrics: Dict[str, float] = {
         "train_loss": epoch_loss / max(1, n_micro), "train_accuracy": epoch_acc / max(1, n_micro),
         "train_pairs": len(train_ds), "train_pairs_seen": num_updates * args.total_batch_size,

@@ -430,9 +430,9 @@ def test_end_to_end_subprocess_embedded_preset(fake_run, tmp_path):
     assert (out / "args.json").exists() and (out / "config.json").exists()
 
 
-def test_detail16_accelerate_two_processes_see_every_pair_once(fake_run, tmp_path):
+def test_detail16_detail10_accelerate_two_processes_see_every_pair_once(fake_run, tmp_path):
     """Detail 16: with `accelerate launch --num_processes 2` (CPU, gloo) every training pair is seen exactly once
-    across the ranks, and the run completes."""
+    across the ranks, and the run completes; Detail 10: the model initialisation is identical on both ranks."""
     import socket
 
     out = tmp_path / "rm_ddp"
@@ -448,7 +448,9 @@ def test_detail16_accelerate_two_processes_see_every_pair_once(fake_run, tmp_pat
            "--per_device_train_batch_size", "8", "--norm_num_samples", "20", "--save_seen_ids"]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-    seen = [json.load(open(out / f"seen_ids_rank{r}.json")) for r in range(2)]
+    records = [json.load(open(out / f"seen_ids_rank{r}.json")) for r in range(2)]
+    assert records[0]["init_head_weight"] == records[1]["init_head_weight"]  # Detail 10: identical init on all ranks
+    seen = [r["rows"] for r in records]
     assert len(seen[0]) == len(seen[1]) == 48
     allseen = seen[0] + seen[1]
     assert len(allseen) == len(set(allseen)) == 96  # 96 pairs = 3 updates of 32: every pair exactly once
