@@ -509,6 +509,16 @@ def load_scalar_model(path: str) -> nn.Module:
     return disable_dropout(ScalarModel.from_pretrained(path))
 
 
+def inference_ds_config(offload: bool, bf16: bool) -> dict:
+    """Detail 30: DeepSpeed config of the frozen reference and reward models: plain bf16 inference engines, or
+    ZeRO-3 with the parameters offloaded to the CPU (the paper's 6.9B setting)."""
+    return {
+        "train_micro_batch_size_per_gpu": 1,  # required by DeepSpeed, unused for inference
+        "bf16": {"enabled": bf16},
+        "zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}} if offload else {"stage": 0},
+    }
+
+
 def prepare_inference_model(model: nn.Module, accelerator: Accelerator, offload: bool) -> nn.Module:
     """Detail 19/30: frozen, eval mode. Under DeepSpeed an inference engine (bf16; ZeRO-3 with CPU parameter
     offload when --offload); otherwise on the accelerator, or on the CPU with --offload."""
@@ -516,11 +526,7 @@ def prepare_inference_model(model: nn.Module, accelerator: Accelerator, offload:
     if accelerator.state.deepspeed_plugin is not None:
         import deepspeed
 
-        ds_config = {
-            "train_micro_batch_size_per_gpu": 1,
-            "bf16": {"enabled": accelerator.mixed_precision == "bf16"},
-            "zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}} if offload else {"stage": 0},
-        }
+        ds_config = inference_ds_config(offload, bf16=accelerator.mixed_precision == "bf16")
         engine, *_ = deepspeed.initialize(model=model, config=ds_config)
         engine.eval()
         engine.input_device = accelerator.device  # inputs go to the GPU even when the weights are offloaded

@@ -222,7 +222,7 @@ def _loop_whiten(xs, shift_mean=True):
     return [(x - mean) / math.sqrt(var + 1e-8) + (0 if shift_mean else mean) for x in xs]
 
 
-def test_detail27_gae_and_whitening_against_loop():
+def test_detail26_27_gae_and_whitening_against_loop():
     """Detail 27 (and 26's whitening): GAE (gamma 1, lambda 0.95) backward, returns = A + V, advantages whitened
     over valid positions and 0 at padding, checked against plain python loops."""
     torch.manual_seed(0)
@@ -278,8 +278,8 @@ def test_detail28_clipped_losses_hand_computed():
     assert (a.cliprange, a.cliprange_value, a.vf_coef) == (0.2, 0.2, 0.1)
 
 
-def test_detail29_batch_arithmetic_and_errors():
-    """Detail 29: 512 episodes / update on 8 GPUs = 8 x 16 x 4 (1B), 8 x 4 x 16 (2.8B), 8 x 1 x 64 (6.9B);
+def test_detail8_29_defaults_batch_arithmetic_and_errors():
+    """Detail 8 (lr 3e-6, AdamW eps 1e-5) and Detail 29: 512 episodes / update on 8 GPUs = 8 x 16 x 4 (1B), 8 x 4 x 16 (2.8B), 8 x 1 x 64 (6.9B);
     1,953 updates; inconsistent sizes are rejected naming what does not divide."""
     for preset, micro, ga, fwd in (("paper", 16, 4, 64), ("paper-2.8b", 4, 16, 32), ("paper-6.9b", 1, 64, 4)):
         a = ppo.parse_args(["--preset", preset])
@@ -470,8 +470,8 @@ def full_run(task, tmp_path_factory):
     return out
 
 
-def test_end_to_end_metrics_eval_samples(full_run):
-    """A short run writes args.json, metrics.jsonl (one record per update with the documented keys),
+def test_detail13_31_end_to_end_metrics_eval_samples(full_run):
+    """Detail 13/31: a short run evaluates near-greedy samples (T 0.01) periodically and at the end; it writes args.json, metrics.jsonl (one record per update with the documented keys),
     eval_samples.jsonl (SPEC schema) and metrics.json with the keys quickstart reads (Detail 9, 19-31)."""
     recs = read_jsonl(full_run / "metrics.jsonl")
     assert [r["update"] for r in recs] == [1, 2, 3, 4]
@@ -499,6 +499,24 @@ def test_end_to_end_metrics_eval_samples(full_run):
     assert all("<|endoftext|>" not in r["response"] and "[PAD]" not in r["response"] for r in rows)
     args = json.load(open(full_run / "args.json"))
     assert args["gradient_accumulation_steps"] == 2 and args["num_updates"] == 4
+    assert args["eval_temperature"] == 0.01 and args["temperature"] == 0.7
+    assert all(r["response_token_len"] <= RESP_LEN for r in rows)
+
+
+def test_detail30_deepspeed_configs():
+    """Detail 30: ZeRO-2 bf16 accelerate config for the trained models; reference and reward models as inference
+    engines, ZeRO-3 with CPU parameter offload under --offload (the 6.9B preset turns it on)."""
+    import yaml
+
+    z2 = yaml.safe_load(open(os.path.join(ROOT, "deepspeed_zero2.yaml")))
+    assert z2["distributed_type"] == "DEEPSPEED" and z2["mixed_precision"] == "bf16"
+    assert z2["deepspeed_config"]["zero_stage"] == 2 and z2["deepspeed_config"]["gradient_clipping"] == 0.0
+    z3 = yaml.safe_load(open(os.path.join(ROOT, "deepspeed_zero3.yaml")))
+    assert z3["deepspeed_config"]["zero_stage"] == 3
+    off = ppo.inference_ds_config(offload=True, bf16=True)
+    assert off["zero_optimization"] == {"stage": 3, "offload_param": {"device": "cpu"}} and off["bf16"]["enabled"]
+    assert ppo.inference_ds_config(offload=False, bf16=True)["zero_optimization"]["stage"] == 0
+    assert ppo.parse_args(["--preset", "paper-6.9b"]).offload and not ppo.parse_args([]).offload
 
 
 def test_detail19_28_ratio_exactly_one_first_minibatch(full_run):
