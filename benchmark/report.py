@@ -1,0 +1,344 @@
+"""Figures and a results table from a sweep's JSON outputs (no wandb needed).
+
+    python benchmark/report.py --sweep_dir runs/sweep_embedded --out_dir docs/figures --table docs/embedded_sweep.md
+
+Reads the run folders written by benchmark/sweep.py, named {stage}_{model}_{seed}:
+  rm_*/metrics.json         val_accuracy, val_accuracy/confidence_{k}, gold_agreement
+  sft_*/metrics.json        gold_win_rate (embedded task) - fallback for the SFT win rate
+  ppo_*/metrics.json(l)     gold_win_rate, final_kl; per update objective/scores, objective/kl, objective/response_length
+  dpo_*/metrics.json        val_reward_accuracy, gold_win_rate
+  judge_ppo_* / judge_dpo_* eval_gpt_judge.py: win_rate (candidate vs reference), compare_win_rate (SFT vs
+                            reference on the same queries), len_bin{i}_{lo,hi,n,win_rate} (Detail 34)
+Writes rm_accuracy.png, win_rate_vs_size.png, win_rate_by_length.png, ppo_curves.png and a markdown table
+(mean ± std over seeds per size, with the number of seeds).
+"""
+
+import json
+import math
+import os
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import numpy as np
+import tyro
+
+RUN_RE = re.compile(r"^(sft|rm|ppo|dpo|judge_ppo|judge_dpo)_(.+)_(\d+)$")
+SIZE_ORDER = ["s", "m", "l", "1b", "2.8b", "6.9b"]
+
+
+@dataclass
+class Args:
+    sweep_dir: str = "runs/sweep_embedded"
+    out_dir: str = "docs/figures"
+    """where the PNGs go"""
+    table: Optional[str] = "docs/embedded_sweep.md"
+    """markdown table path (None: print only)"""
+    title: str = "embedded task (offline, tiny GPT-NeoX models; NOT the real TL;DR)"
+    prefix: str = "embedded_"
+    """file name prefix of the PNGs"""
+    len_bins: int = 6
+    """common bins of log(len(candidate)/len(reference)) used to pool the judge's per-run length bins"""
+
+
+def read_json(path: str) -> Optional[dict]:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def read_jsonl(path: str) -> List[dict]:
+    rows = []
+    try:
+        with open(path) as f:
+            for line in f:
+                line = line.strip()
+                if line:
+                    try:
+                        rows.append(json.loads(line))
+                    except ValueError:
+                        pass  # a half-written last line of a running job
+    except OSError:
+        pass
+    return rows
+
+
+def size_key(s: str):
+    return (SIZE_ORDER.index(s), s) if s in SIZE_ORDER else (len(SIZE_ORDER), s)
+
+
+def finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def collect(sweep_dir: str) -> Dict[str, Dict[str, Dict[int, dict]]]:
+    """runs[stage][size][seed] = {"metrics": dict, "history": list (ppo only)}; unfinished runs are left out."""
+    runs: Dict[str, Dict[str, Dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
+    if not os.path.isdir(sweep_dir):
+        raise ValueError(f"--sweep_dir: {sweep_dir!r} is not a folder")
+    for name in sorted(os.listdir(sweep_dir)):
+        m = RUN_RE.match(name)
+        if not m:
+            continue
+        stage, size, seed = m.group(1), m.group(2), int(m.group(3))
+        metrics = read_json(os.path.join(sweep_dir, name, "metrics.json"))
+        if metrics is None:
+            continue
+        entry = {"metrics": metrics}
+        if stage == "ppo":
+            entry["history"] = read_jsonl(os.path.join(sweep_dir, name, "metrics.jsonl"))
+        runs[stage][size][seed] = entry
+    return runs
+
+
+def values(runs, stage: str, size: str, key: str) -> List[float]:
+    return [r["metrics"][key] for r in runs.get(stage, {}).get(size, {}).values() if finite(r["metrics"].get(key))]
+
+
+def win_rates(runs, size: str) -> Dict[str, List[float]]:
+    """Per model, the seeds' win rates against the references. The judge run's numbers come first (the same
+    judge for SFT and the candidate, on the same queries); the stage's own gold_win_rate is the fallback."""
+    out = {}
+    jp = runs.get("judge_ppo", {}).get(size, {})
+    jd = runs.get("judge_dpo", {}).get(size, {})
+    sft = [r["metrics"]["compare_win_rate"] for r in jp.values() if finite(r["metrics"].get("compare_win_rate"))]
+    out["SFT"] = sft or values(runs, "sft", size, "gold_win_rate")
+    out["PPO"] = [r["metrics"]["win_rate"] for r in jp.values() if finite(r["metrics"].get("win_rate"))] \
+        or values(runs, "ppo", size, "gold_win_rate")
+    out["DPO"] = [r["metrics"]["win_rate"] for r in jd.values() if finite(r["metrics"].get("win_rate"))] \
+        or values(runs, "dpo", size, "gold_win_rate")
+    return out
+
+
+def mean_std(xs: List[float]) -> str:
+    if not xs:
+        return "-"
+    return f"{np.mean(xs):.3f} ± {np.std(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
+
+
+def errbar(ax, x, xs_list, label, **kw):
+    """Mean with min-max whiskers; the seeds as dots."""
+    pts = [(xi, xs) for xi, xs in zip(x, xs_list) if xs]
+    if not pts:
+        return
+    xx = np.array([p[0] for p in pts], dtype=float)
+    mu = np.array([np.mean(p[1]) for p in pts])
+    lo = np.clip(mu - np.array([np.min(p[1]) for p in pts]), 0, None)
+    hi = np.clip(np.array([np.max(p[1]) for p in pts]) - mu, 0, None)
+    line = ax.errorbar(xx, mu, yerr=[lo, hi], marker="o", capsize=4, label=label, **kw)
+    for xi, xs in pts:
+        ax.scatter([xi] * len(xs), xs, s=10, alpha=0.4, color=line[0].get_color())
+
+
+def pooled_length_bins(judge_runs: Dict[int, dict], prefix: str, edges: np.ndarray) -> List[List[float]]:
+    """Per common bin, the seeds' win rates: every seed's judge bins (Detail 34, per-run edges) are re-pooled
+    onto common edges by their centres, weighted by their counts."""
+    per_bin: List[List[float]] = [[] for _ in range(len(edges) - 1)]
+    for r in judge_runs.values():
+        m = r["metrics"]
+        wins, counts = np.zeros(len(edges) - 1), np.zeros(len(edges) - 1)
+        i = 0
+        while f"{prefix}len_bin{i}_n" in m:
+            n, wr = m[f"{prefix}len_bin{i}_n"], m.get(f"{prefix}len_bin{i}_win_rate")
+            if n and finite(wr):
+                c = 0.5 * (m[f"{prefix}len_bin{i}_lo"] + m[f"{prefix}len_bin{i}_hi"])
+                b = int(np.clip(np.searchsorted(edges, c, side="right") - 1, 0, len(edges) - 2))
+                wins[b] += wr * n
+                counts[b] += n
+            i += 1
+        for b in range(len(edges) - 1):
+            if counts[b] >= 3:  # a bin with one or two items is noise
+                per_bin[b].append(wins[b] / counts[b])
+    return per_bin
+
+
+def length_range(runs) -> Optional[tuple]:
+    lo, hi = math.inf, -math.inf
+    for stage in ("judge_ppo", "judge_dpo"):
+        for by_seed in runs.get(stage, {}).values():
+            for r in by_seed.values():
+                for k, v in r["metrics"].items():
+                    if re.search(r"len_bin\d+_(lo|hi)$", k) and finite(v):
+                        lo, hi = min(lo, v), max(hi, v)
+    return (lo, hi) if lo < hi else None
+
+
+def history_curves(ppo_runs: Dict[int, dict], key: str):
+    """(updates, per-seed value arrays aligned on the updates every seed has)."""
+    series = []
+    for r in ppo_runs.values():
+        pts = {h["update"]: h[key] for h in r.get("history", []) if "update" in h and finite(h.get(key))}
+        if pts:
+            series.append(pts)
+    if not series:
+        return None, None
+    common = sorted(set.intersection(*[set(s) for s in series]))
+    if not common:
+        return None, None
+    return np.array(common), np.array([[s[u] for u in common] for s in series])
+
+
+def make_figures(runs, args: Args) -> List[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(args.out_dir, exist_ok=True)
+    sizes = sorted({s for st in runs.values() for s in st}, key=size_key)
+    x = np.arange(len(sizes))
+    written = []
+
+    def save(fig, name):
+        path = os.path.join(args.out_dir, f"{args.prefix}{name}.png")
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+    # 1. RM validation accuracy vs size, and by labeller confidence (Detail 18)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    errbar(axes[0], x, [values(runs, "rm", s, "val_accuracy") for s in sizes], "RM validation accuracy")
+    errbar(axes[0], x, [values(runs, "rm", s, "gold_agreement") for s in sizes], "RM agreement with the gold judge")
+    errbar(axes[0], x, [values(runs, "dpo", s, "val_reward_accuracy") for s in sizes], "DPO implicit reward accuracy")
+    axes[0].set_xticks(x, sizes)
+    axes[0].set_xlabel("model size")
+    axes[0].set_ylabel("accuracy")
+    axes[0].axhline(0.5, color="gray", ls=":", lw=1)
+    axes[0].legend(fontsize=8)
+    axes[0].set_title("reward model accuracy vs size")
+    confs = sorted({int(k.split("_")[-1]) for st in runs.get("rm", {}).values() for r in st.values()
+                    for k in r["metrics"] if k.startswith("val_accuracy/confidence_")})
+    for s in sizes:
+        errbar(axes[1], confs, [values(runs, "rm", s, f"val_accuracy/confidence_{c}") for c in confs], f"size {s}")
+    axes[1].axhline(0.5, color="gray", ls=":", lw=1)
+    axes[1].set_xlabel("labeller confidence")
+    axes[1].set_ylabel("RM validation accuracy")
+    axes[1].set_title("RM accuracy by confidence")
+    if confs:
+        axes[1].legend(fontsize=8)
+    fig.suptitle(args.title, fontsize=9)
+    save(fig, "rm_accuracy")
+
+    # 2. win rate against the references vs size
+    fig, ax = plt.subplots(figsize=(6, 4))
+    wr = {s: win_rates(runs, s) for s in sizes}
+    for j, model in enumerate(("SFT", "PPO", "DPO")):
+        errbar(ax, x + (j - 1) * 0.06, [wr[s][model] for s in sizes], model)
+    ax.axhline(0.5, color="gray", ls="--", lw=1, label="reference (50%)")
+    ax.set_xticks(x, sizes)
+    ax.set_xlabel("model size")
+    ax.set_ylabel("win rate vs reference summaries")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=8)
+    ax.set_title(f"judge win rate vs size\n{args.title}", fontsize=9)
+    save(fig, "win_rate_vs_size")
+
+    # 3. win rate by summary length (Detail 34), SFT vs PPO per size
+    rng = length_range(runs)
+    fig, axes = plt.subplots(1, max(1, len(sizes)), figsize=(4 * max(1, len(sizes)), 3.6), sharey=True, squeeze=False)
+    if rng:
+        edges = np.linspace(rng[0], rng[1], args.len_bins + 1)
+        centers = 0.5 * (edges[1:] + edges[:-1])
+        for ax, s in zip(axes[0], sizes):
+            for stage, prefix, label in (("judge_ppo", "compare_", "SFT"), ("judge_ppo", "", "PPO"), ("judge_dpo", "", "DPO")):
+                judge_runs = runs.get(stage, {}).get(s, {})
+                if judge_runs:
+                    errbar(ax, centers, pooled_length_bins(judge_runs, prefix, edges), label)
+            ax.axhline(0.5, color="gray", ls="--", lw=1)
+            ax.set_title(f"size {s}")
+            ax.set_xlabel("log(len(summary) / len(reference))")
+            ax.legend(fontsize=8)
+        axes[0][0].set_ylabel("win rate vs reference")
+    fig.suptitle(f"win rate by summary length - {args.title}", fontsize=9)
+    save(fig, "win_rate_by_length")
+
+    # 4. PPO training curves
+    keys = [("objective/scores", "RM score (after EOS penalty)"), ("objective/kl", "KL(policy || SFT)"),
+            ("objective/response_length", "response length (tokens)")]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, (key, label) in zip(axes, keys):
+        for s in sizes:
+            u, arr = history_curves(runs.get("ppo", {}).get(s, {}), key)
+            if u is None:
+                continue
+            mu = arr.mean(0)
+            (ln,) = ax.plot(u, mu, label=f"size {s} ({len(arr)} seeds)")
+            ax.fill_between(u, arr.min(0), arr.max(0), alpha=0.2, color=ln.get_color())
+        ax.set_xlabel("PPO update")
+        ax.set_title(label)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"PPO curves (mean, min-max over seeds) - {args.title}", fontsize=9)
+    save(fig, "ppo_curves")
+    return written
+
+
+TABLE_COLUMNS = [
+    ("RM val accuracy", lambda r, s: values(r, "rm", s, "val_accuracy")),
+    ("RM gold agreement", lambda r, s: values(r, "rm", s, "gold_agreement")),
+    ("SFT win rate", lambda r, s: win_rates(r, s)["SFT"]),
+    ("PPO win rate", lambda r, s: win_rates(r, s)["PPO"]),
+    ("DPO win rate", lambda r, s: win_rates(r, s)["DPO"]),
+    ("DPO reward accuracy", lambda r, s: values(r, "dpo", s, "val_reward_accuracy")),
+    ("PPO final KL", lambda r, s: values(r, "ppo", s, "final_kl")),
+    ("SFT / PPO length (tokens)", None),
+]
+
+
+def table_markdown(runs) -> str:
+    sizes = sorted({s for st in runs.values() for s in st}, key=size_key)
+    cols = [c for c in TABLE_COLUMNS if c[1] is None or any(c[1](runs, s) for s in sizes)]
+    lines = ["| size | seeds (sft/rm/ppo/judge) | " + " | ".join(c[0] for c in cols) + " |",
+             "|---|---|" + "---|" * len(cols)]
+    for s in sizes:
+        n = "/".join(str(len(runs.get(st, {}).get(s, {}))) for st in ("sft", "rm", "ppo", "judge_ppo"))
+        cells = []
+        for name, fn in cols:
+            if fn is None:
+                jp = runs.get("judge_ppo", {}).get(s, {})
+                ls = [r["metrics"].get("compare_mean_candidate_token_len") for r in jp.values()]
+                lp = [r["metrics"].get("mean_candidate_token_len") for r in jp.values()]
+                ls, lp = [v for v in ls if finite(v)], [v for v in lp if finite(v)]
+                cells.append(f"{np.mean(ls):.1f} / {np.mean(lp):.1f}" if ls and lp else "-")
+            else:
+                cells.append(mean_std(fn(runs, s)))
+        lines.append(f"| {s} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(args: Args) -> None:
+    runs = collect(args.sweep_dir)
+    written = make_figures(runs, args)
+    table = table_markdown(runs)
+    print(table)
+    for p in written:
+        print("wrote", p)
+    if args.table:
+        write_table(args.table, table, args)
+        print("wrote", args.table)
+
+
+START, END = "<!-- table:start (benchmark/report.py) -->", "<!-- table:end -->"
+
+
+def write_table(path: str, table: str, args: Args) -> None:
+    """Write the table between the markers of `path`, keeping the hand-written text around them."""
+    settings = read_json(os.path.join(args.sweep_dir, "sweep_args.json"))
+    block = f"{START}\n{table}\n\nMean ± std over seeds ({args.title}).\n"
+    if settings:
+        block += "Sweep settings: `" + json.dumps({k: v for k, v in settings.items() if v not in ("", None)}) + "`\n"
+    block += END
+    old = open(path).read() if os.path.exists(path) else f"# Sweep results: {args.title}\n\n{START}\n{END}\n"
+    if START in old and END in old:
+        new = old[: old.index(START)] + block + old[old.index(END) + len(END):]
+    else:
+        new = old.rstrip() + "\n\n" + block + "\n"
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        f.write(new)
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

@@ -1,0 +1,363 @@
+"""Sweep launcher: SFT -> RM -> PPO -> judge (-> DPO) for every model size x seed.
+
+One small wrapper, not a framework. Two modes:
+
+  real      Pythia 1B / 2.8B / 6.9B on GPUs, every training stage through
+            `accelerate launch --config_file deepspeed_zero2.yaml` with the per-size settings of DETAILS.md
+            (Detail 29 batch arithmetic, Detail 30 DeepSpeed + offload for 6.9B).
+  embedded  the offline embedded task (tiny GPT-NeoX sizes s, m, l) on CPU, plain `python`.
+
+    python benchmark/sweep.py --mode real --dry_run            # print every command with its arguments
+    python benchmark/sweep.py --mode real                      # plain sequential loop on one 8-GPU node
+    python benchmark/sweep.py --mode real --slurm              # one sbatch per stage run, chained by afterok
+    python benchmark/sweep.py --mode embedded --jobs 2         # CPU sweep, 2 chains in parallel
+
+Output folders: {out_dir}/{stage}_{model}_{seed} (sft_1b_44413, rm_1b_44413, ppo_1b_44413, judge_ppo_1b_44413,
+dpo_1b_44413, judge_dpo_1b_44413), so every stage finds its inputs and benchmark/report.py finds all of them.
+A stage whose metrics.json already exists is skipped (rerun the same command to resume a sweep).
+"""
+
+import os
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Dict, List, Literal, Optional, Tuple
+
+import tyro
+
+PAPER_SEEDS = "44413,55513,66613,77713"  # the paper's four seeds
+
+# Per-size settings for the real runs (8 GPUs per run).
+# Detail 29: PPO per-GPU micro-batch x gradient accumulation on 8 GPUs (1B 16x4, 2.8B 4x16, 6.9B 1x64) and
+# the rollout forward-pass batch per GPU (64 / 32 / 4).
+# Detail 30: ZeRO-2 bf16 for the trained models; reference + reward model offloaded to the CPU for 6.9B.
+# SFT / RM / DPO micro-batches are a memory choice (not in DETAILS.md); their totals are fixed
+# (Detail 12: 128, Detail 16: 64, Detail 32: 64) and the accumulation follows from micro x 8 GPUs.
+REAL_SIZES: Dict[str, dict] = {
+    "1b": dict(model="EleutherAI/pythia-1b-deduped", ppo_preset="paper", ppo_micro=16, ppo_accum=4, rollout_batch=64,
+               offload=False, sft_micro=16, rm_micro=8, dpo_micro=8),
+    "2.8b": dict(model="EleutherAI/pythia-2.8b-deduped", ppo_preset="paper-2.8b", ppo_micro=4, ppo_accum=16,
+                 rollout_batch=32, offload=False, sft_micro=4, rm_micro=4, dpo_micro=4),
+    "6.9b": dict(model="EleutherAI/pythia-6.9b-deduped", ppo_preset="paper-6.9b", ppo_micro=1, ppo_accum=64,
+                 rollout_batch=4, offload=True, sft_micro=2, rm_micro=1, dpo_micro=1),
+}
+# DETAILS.md values shared by every size
+PAPER = dict(
+    lr=3e-6,  # Detail 8
+    sft_total_batch=128, sft_epochs=1,  # Detail 12
+    rm_total_batch=64, rm_epochs=1,  # Detail 16
+    ppo_total_episodes=1_000_000, ppo_batch=512, ppo_epochs=4, ppo_mini_batches=1,  # Detail 29
+    ppo_temperature=0.7,  # Detail 20
+    kl_coef=0.05,  # Detail 25
+    eval_temperature=0.01, response_length=53,  # Detail 13
+    dpo_beta=0.05, dpo_total_batch=64, dpo_epochs=1,  # Detail 32
+    judge_model="gpt-3.5-turbo-0125",  # Detail 33
+)
+
+EMBEDDED_SIZES = ("s", "m", "l")
+
+
+@dataclass
+class Args:
+    mode: Literal["real", "embedded"] = "real"
+    sizes: str = ""
+    """comma-separated sizes (real: 1b,2.8b,6.9b; embedded: s,m,l); empty = all of the mode"""
+    seeds: str = ""
+    """comma-separated seeds (empty: the paper's 44413,55513,66613,77713 for real, 1,2,3 for embedded)"""
+    stages: str = "sft,rm,ppo,judge"
+    """subset of data,sft,rm,ppo,judge,dpo (dpo adds DPO + its judge); data is built once for the sweep"""
+    out_dir: str = ""
+    """sweep folder (default runs/sweep for real, runs/sweep_embedded for embedded)"""
+    dry_run: bool = False
+    """print every command with its arguments, run nothing"""
+    jobs: int = 1
+    """(size, seed) chains run in parallel (local runs; embedded: 2 on a shared CPU box)"""
+
+    # real mode
+    accelerate_config: str = "deepspeed_zero2.yaml"
+    """Detail 30: the repo's DeepSpeed ZeRO-2 config (deepspeed_zero3.yaml for models that do not fit)"""
+    num_processes: int = 8
+    """GPUs per run (the paper: 8); batch sizes of DETAILS.md assume 8"""
+    dataset_dir: str = ""
+    """tokenized data set (default {out_dir}/dataset, built by the `data` stage with tldr_dataset.py)"""
+    judge_max_samples: Optional[int] = None
+    """judge only the first N PPO eval samples (cost control for the OpenAI judge)"""
+    slurm: bool = False
+    """write one sbatch script per stage run into {out_dir}/slurm and submit them chained with afterok"""
+    slurm_partition: Optional[str] = None
+    slurm_time: str = "48:00:00"
+    slurm_extra: str = ""
+    """extra lines for the sbatch header, separated by ';' (e.g. '#SBATCH --account=abc')"""
+
+    # embedded mode (tiny CPU budget: every shrink is a flag here and recorded in {out_dir}/sweep_args.json)
+    task_dir: str = ""
+    """embedded task folder (default {out_dir}/task); built with embedded_task.py when missing"""
+    task_seed: int = 1
+    """seed of the embedded task's data (fixed across the sweep: the seeds vary training, not the data)"""
+    max_rows: Optional[int] = 1536
+    """tldr_dataset.py --max_rows for the embedded data set (SFT train rows and preference train pairs)"""
+    rm_train_pairs: Optional[int] = 768
+    rm_val_pairs: Optional[int] = 1000
+    rm_norm_samples: int = 256
+    rm_gold_samples: int = 64
+    ppo_total_episodes: int = 512
+    """embedded PPO episodes (batch 64 -> total / 64 updates)"""
+    dpo_train_pairs: Optional[int] = 768
+    threads: int = 1
+    """OMP_NUM_THREADS / torch threads of every embedded process"""
+
+
+def parse_list(s: str, default: str) -> List[str]:
+    return [x.strip() for x in (s or default).split(",") if x.strip()]
+
+
+def run_name(stage: str, model: str, seed) -> str:
+    return f"{stage}_{model}_{seed}"
+
+
+def accel(args: Args, script: str) -> List[str]:
+    return ["accelerate", "launch", "--config_file", args.accelerate_config, "--num_processes", str(args.num_processes),
+            script]
+
+
+def real_commands(args: Args, size: str, seed: int, stages: List[str]) -> List[Tuple[str, List[str]]]:
+    """Commands of one (size, seed) chain of the real sweep: [(run name, argv)]."""
+    if size not in REAL_SIZES:
+        raise ValueError(f"--sizes: unknown real size {size!r}; choose from {sorted(REAL_SIZES)}")
+    c, p, o = REAL_SIZES[size], PAPER, args.out_dir
+    data = args.dataset_dir or os.path.join(o, "dataset")
+    d = {st: os.path.join(o, run_name(st, size, seed)) for st in ("sft", "rm", "ppo", "dpo", "judge_ppo", "judge_dpo")}
+    seed_args = ["--seed", str(seed)]
+    cmds = []
+    if "sft" in stages:
+        cmds.append((run_name("sft", size, seed), accel(args, "sft.py") + [
+            "--preset", "paper", "--base_model", c["model"], "--dataset_path", data, "--output_dir", d["sft"], *seed_args,
+            "--lr", str(p["lr"]), "--total_batch_size", str(p["sft_total_batch"]),
+            "--per_device_batch_size", str(c["sft_micro"]), "--num_epochs", str(p["sft_epochs"]),
+            "--eval_temperature", str(p["eval_temperature"]), "--response_length", str(p["response_length"])]))
+    if "rm" in stages:
+        cmds.append((run_name("rm", size, seed), accel(args, "reward.py") + [
+            "--preset", "paper", "--base_model", c["model"], "--sft_model_path", d["sft"], "--dataset_path", data,
+            "--output_dir", d["rm"], *seed_args, "--lr", str(p["lr"]), "--total_batch_size", str(p["rm_total_batch"]),
+            "--per_device_train_batch_size", str(c["rm_micro"]), "--num_train_epochs", str(p["rm_epochs"])]))
+    if "ppo" in stages:
+        cmds.append((run_name("ppo", size, seed), accel(args, "ppo.py") + [
+            "--preset", c["ppo_preset"], "--sft_model_path", d["sft"], "--reward_model_path", d["rm"],
+            "--dataset_path", data, "--output_dir", d["ppo"], *seed_args, "--lr", str(p["lr"]),
+            "--total_episodes", str(p["ppo_total_episodes"]), "--batch_size", str(p["ppo_batch"]),
+            "--per_device_train_batch_size", str(c["ppo_micro"]), "--gradient_accumulation_steps", str(c["ppo_accum"]),
+            "--num_ppo_epochs", str(p["ppo_epochs"]), "--num_mini_batches", str(p["ppo_mini_batches"]),
+            "--local_rollout_forward_batch_size", str(c["rollout_batch"]), "--temperature", str(p["ppo_temperature"]),
+            "--kl_coef", str(p["kl_coef"]), "--eval_temperature", str(p["eval_temperature"]),
+            "--response_length", str(p["response_length"]), "--offload" if c["offload"] else "--no-offload"]))
+    judge_common = ["--judge", "openai", "--judge_model", p["judge_model"], "--cache_path", os.path.join(o, "judge_cache.jsonl"),
+                    *seed_args] + ([] if args.judge_max_samples is None else ["--max_samples", str(args.judge_max_samples)])
+    if "judge" in stages:
+        cmds.append((run_name("judge_ppo", size, seed), ["python", "eval_gpt_judge.py", "--preset", "paper",
+                     "--samples", os.path.join(d["ppo"], "eval_samples.jsonl"),
+                     "--compare_samples", os.path.join(d["sft"], "eval_samples.jsonl"),
+                     "--output_dir", d["judge_ppo"], *judge_common]))
+    if "dpo" in stages:
+        cmds.append((run_name("dpo", size, seed), accel(args, "dpo.py") + [
+            "--preset", "paper", "--sft_model_path", d["sft"], "--dataset_path", data, "--output_dir", d["dpo"], *seed_args,
+            "--lr", str(p["lr"]), "--beta", str(p["dpo_beta"]), "--total_batch_size", str(p["dpo_total_batch"]),
+            "--per_device_batch_size", str(c["dpo_micro"]), "--num_epochs", str(p["dpo_epochs"]),
+            "--eval_temperature", str(p["eval_temperature"]), "--response_length", str(p["response_length"])]))
+        if "judge" in stages:
+            cmds.append((run_name("judge_dpo", size, seed), ["python", "eval_gpt_judge.py", "--preset", "paper",
+                         "--samples", os.path.join(d["dpo"], "eval_samples.jsonl"),
+                         "--compare_samples", os.path.join(d["sft"], "eval_samples.jsonl"),
+                         "--output_dir", d["judge_dpo"], *judge_common]))
+    return cmds
+
+
+def embedded_commands(args: Args, size: str, seed: int, stages: List[str]) -> List[Tuple[str, List[str]]]:
+    if size not in EMBEDDED_SIZES:
+        raise ValueError(f"--sizes: unknown embedded size {size!r}; choose from {EMBEDDED_SIZES}")
+    o, py = args.out_dir, sys.executable
+    task = args.task_dir or os.path.join(o, "task")
+    data = args.dataset_dir or os.path.join(o, "dataset")
+    d = {st: os.path.join(o, run_name(st, size, seed)) for st in ("sft", "rm", "ppo", "dpo", "judge_ppo", "judge_dpo")}
+    common = ["--dataset_path", data, "--gold_task_dir", task, "--seed", str(seed)]
+    opt = lambda flag, v: [] if v is None else [flag, str(v)]  # noqa: E731
+    cmds = []
+    if "sft" in stages:
+        cmds.append((run_name("sft", size, seed), [py, "sft.py", "--preset", "embedded", "--base_model",
+                     os.path.join(task, f"base-{size}"), "--output_dir", d["sft"], *common, "--save_every", "0",
+                     "--no-eval-base"]))
+    if "rm" in stages:
+        cmds.append((run_name("rm", size, seed), [py, "reward.py", "--preset", "embedded", "--base_model",
+                     os.path.join(task, f"base-{size}"), "--sft_model_path", d["sft"], "--output_dir", d["rm"], *common,
+                     *opt("--num_train_pairs", args.rm_train_pairs), *opt("--num_val_pairs", args.rm_val_pairs),
+                     "--norm_num_samples", str(args.rm_norm_samples), "--norm_recompute_samples", "64",
+                     "--num_gold_samples", str(args.rm_gold_samples)]))
+    if "ppo" in stages:
+        cmds.append((run_name("ppo", size, seed), [py, "ppo.py", "--preset", "embedded", "--sft_model_path", d["sft"],
+                     "--reward_model_path", d["rm"], "--output_dir", d["ppo"], *common,
+                     "--total_episodes", str(args.ppo_total_episodes), "--eval_every", "0", "--no-eval-at-start",
+                     "--save_every", "0", "--no-save-model", "--num_threads", str(args.threads)]))
+    judge = lambda cand, out: [py, "eval_gpt_judge.py", "--preset", "embedded", "--judge", "gold",  # noqa: E731
+                               "--gold_task_dir", task, "--samples", os.path.join(cand, "eval_samples.jsonl"),
+                               "--compare_samples", os.path.join(d["sft"], "eval_samples.jsonl"),
+                               "--output_dir", out, "--seed", str(seed)]
+    if "judge" in stages:
+        cmds.append((run_name("judge_ppo", size, seed), judge(d["ppo"], d["judge_ppo"])))
+    if "dpo" in stages:
+        cmds.append((run_name("dpo", size, seed), [py, "dpo.py", "--preset", "embedded", "--sft_model_path", d["sft"],
+                     "--output_dir", d["dpo"], *common, *opt("--num_train_pairs", args.dpo_train_pairs),
+                     "--no-eval-reference"]))
+        if "judge" in stages:
+            cmds.append((run_name("judge_dpo", size, seed), judge(d["dpo"], d["judge_dpo"])))
+    return cmds
+
+
+def data_commands(args: Args) -> List[Tuple[str, List[str]]]:
+    o = args.out_dir
+    data = args.dataset_dir or os.path.join(o, "dataset")
+    if args.mode == "real":
+        # one data set for every size: the Pythia sizes share one tokenizer
+        return [("data", ["python", "tldr_dataset.py", "--source", "hub", "--base_model", REAL_SIZES["1b"]["model"],
+                          "--out_dir", data])]
+    task = args.task_dir or os.path.join(o, "task")
+    py = sys.executable
+    return [("task", [py, "embedded_task.py", "--out_dir", task, "--seed", str(args.task_seed), "--sizes", "s,m,l",
+                      "--num_threads", str(args.threads)]),
+            ("data", [py, "tldr_dataset.py", "--source", "embedded", "--task_dir", task, "--out_dir", data]
+             + ([] if args.max_rows is None else ["--max_rows", str(args.max_rows)]))]
+
+
+def plan(args: Args) -> Tuple[List[Tuple[str, List[str]]], List[List[Tuple[str, List[str]]]]]:
+    """(setup commands, one command chain per (size, seed)) in launch order: seed-major, larger sizes first."""
+    stages = parse_list(args.stages, "sft,rm,ppo,judge")
+    bad = set(stages) - {"data", "sft", "rm", "ppo", "judge", "dpo"}
+    if bad:
+        raise ValueError(f"--stages: unknown {sorted(bad)}")
+    default_sizes = ",".join(REAL_SIZES) if args.mode == "real" else ",".join(EMBEDDED_SIZES)
+    sizes = parse_list(args.sizes, default_sizes)
+    seeds = [int(s) for s in parse_list(args.seeds, PAPER_SEEDS if args.mode == "real" else "1,2,3")]
+    order = list(REAL_SIZES) if args.mode == "real" else list(EMBEDDED_SIZES)
+    sizes = sorted(sizes, key=lambda s: -order.index(s) if s in order else 0)
+    build = real_commands if args.mode == "real" else embedded_commands
+    setup = data_commands(args) if "data" in stages else []
+    chains = [build(args, size, seed, stages) for seed in seeds for size in sizes]
+    return setup, chains
+
+
+def fmt(argv: List[str]) -> str:
+    return " ".join(shlex.quote(a) for a in argv)
+
+
+def env_for(args: Args) -> dict:
+    env = dict(os.environ)
+    if args.mode == "embedded":
+        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+def run_one(args: Args, name: str, argv: List[str]) -> bool:
+    out = os.path.join(args.out_dir, name)
+    if name not in ("task", "data") and os.path.exists(os.path.join(out, "metrics.json")):
+        print(f"[skip] {name}: metrics.json exists", flush=True)
+        return True
+    os.makedirs(os.path.join(args.out_dir, "logs"), exist_ok=True)
+    log_path = os.path.join(args.out_dir, "logs", f"{name}.log")
+    t0 = time.time()
+    print(f"[start {time.strftime('%H:%M:%S')}] {name}: {fmt(argv)}", flush=True)
+    with open(log_path, "w") as log:
+        rc = subprocess.call(argv, stdout=log, stderr=subprocess.STDOUT, env=env_for(args))
+    print(f"[{'done' if rc == 0 else 'FAILED'} {time.strftime('%H:%M:%S')}] {name} in {time.time() - t0:.0f}s"
+          + ("" if rc == 0 else f" (exit {rc}; log {log_path})"), flush=True)
+    return rc == 0
+
+
+def run_chain(args: Args, chain: List[Tuple[str, List[str]]]) -> bool:
+    for name, argv in chain:
+        if not run_one(args, name, argv):
+            return False  # later stages need this one's output
+    return True
+
+
+SBATCH = """#!/bin/bash
+#SBATCH --job-name={name}
+#SBATCH --nodes=1
+#SBATCH --gpus-per-node={gpus}
+#SBATCH --exclusive
+#SBATCH --time={time}
+#SBATCH --output={log}
+{extra}
+set -euo pipefail
+cd {repo}
+{cmd}
+"""
+
+
+def write_sbatch(args: Args, name: str, argv: List[str]) -> str:
+    sdir = os.path.join(args.out_dir, "slurm")
+    os.makedirs(sdir, exist_ok=True)
+    extra = [f"#SBATCH --partition={args.slurm_partition}"] if args.slurm_partition else []
+    extra += [x.strip() for x in args.slurm_extra.split(";") if x.strip()]
+    path = os.path.join(sdir, f"{name}.sbatch")
+    with open(path, "w") as f:
+        f.write(SBATCH.format(name=name, gpus=args.num_processes, time=args.slurm_time, extra="\n".join(extra),
+                              log=os.path.abspath(os.path.join(sdir, f"{name}.%j.log")), repo=os.getcwd(), cmd=fmt(argv)))
+    return path
+
+
+def submit(args: Args, setup, chains) -> None:
+    """One sbatch per stage run; each waits (afterok) for the job whose output it reads."""
+    def sbatch(name, argv, dep: Optional[str]) -> str:
+        path = write_sbatch(args, name, argv)
+        cmd = ["sbatch", "--parsable"] + ([f"--dependency=afterok:{dep}"] if dep else []) + [path]
+        if args.dry_run:
+            print(fmt(cmd))
+            return f"<{name}>"
+        return subprocess.check_output(cmd, text=True).strip().split(";")[0]
+
+    data_job = None
+    for name, argv in setup:
+        data_job = sbatch(name, argv, data_job)
+    for chain in chains:
+        dep, by_stage = data_job, {}
+        for name, argv in chain:
+            stage = name.split("_")[0] if not name.startswith("judge_") else "judge"
+            # judge_dpo / dpo depend on their own model; ppo on rm; rm on sft
+            src = {"sft": data_job, "rm": by_stage.get("sft"), "ppo": by_stage.get("rm"), "dpo": by_stage.get("sft"),
+                   "judge": by_stage.get("dpo" if name.startswith("judge_dpo") else "ppo")}.get(stage, dep)
+            by_stage[stage if stage != "judge" else name] = sbatch(name, argv, src)
+        print(f"submitted {[n for n, _ in chain]}", flush=True)
+
+
+def main(args: Args) -> None:
+    if not args.out_dir:
+        args.out_dir = "runs/sweep" if args.mode == "real" else "runs/sweep_embedded"
+    setup, chains = plan(args)
+    if args.slurm:
+        if args.mode != "real":
+            raise ValueError("--slurm is for --mode real")
+        submit(args, setup, chains)
+        return
+    if args.dry_run:
+        for name, argv in setup + [c for chain in chains for c in chain]:
+            print(f"# {name}\n{fmt(argv)}")
+        return
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(os.path.join(args.out_dir, "sweep_args.json"), "w") as f:
+        import dataclasses
+        import json
+        json.dump(dataclasses.asdict(args), f, indent=2)
+    for name, argv in setup:
+        if not run_one(args, name, argv):
+            raise SystemExit(f"{name} failed")
+    t0 = time.time()
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        ok = list(pool.map(lambda ch: run_chain(args, ch), chains))
+    print(f"sweep finished in {time.time() - t0:.0f}s: {sum(ok)}/{len(ok)} chains complete", flush=True)
+    if not all(ok):
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

@@ -1,0 +1,263 @@
+"""benchmark/sweep.py (launcher, dry run, Slurm) and benchmark/report.py (figures + table) on fake runs."""
+
+import ast
+import importlib.util
+import json
+import os
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(ROOT, "benchmark", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+sweep = load("sweep")
+report = load("report")
+
+
+def stage_fields(script: str) -> set:
+    """Field names of the `Args` dataclass of a stage script, read with ast (no torch import)."""
+    tree = ast.parse(open(os.path.join(ROOT, script)).read())
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == "Args":
+            return {n.target.id for n in node.body if isinstance(n, ast.AnnAssign)}
+    raise AssertionError(f"no Args in {script}")
+
+
+def flags(argv):
+    """--key value / --flag / --no-flag -> dict (key with underscores)."""
+    out, i = {}, 0
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith("--"):
+            key = a[2:].replace("-", "_")
+            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                out[key] = argv[i + 1]
+                i += 2
+                continue
+            out[key] = True
+        i += 1
+    return out
+
+
+def script_of(argv):
+    return next(a for a in argv if a.endswith(".py"))
+
+
+def real_plan(tmp_path, stages="data,sft,rm,ppo,judge,dpo", seeds="44413,55513,66613,77713"):
+    args = sweep.Args(mode="real", stages=stages, seeds=seeds, out_dir=str(tmp_path / "sweep"))
+    return sweep.plan(args)
+
+
+# what DETAILS.md says, per size (Detail 29) and for every size (Details 8, 12, 13, 16, 20, 25, 32)
+DETAIL29 = {"1b": (16, 4, 64), "2.8b": (4, 16, 32), "6.9b": (1, 64, 4)}
+
+
+def test_detail29_detail30_real_dry_run_matches_details(tmp_path):
+    """Detail 29/30 (+ 8, 12, 13, 16, 20, 25, 32): the printed real commands carry DETAILS.md's values per size."""
+    setup, chains = real_plan(tmp_path)
+    assert [n for n, _ in setup] == ["data"]
+    assert len(chains) == 3 * 4
+    seen = set()
+    fields = {s: stage_fields(s) for s in ("sft.py", "reward.py", "ppo.py", "dpo.py", "eval_gpt_judge.py")}
+    for chain in chains:
+        by = {name.rsplit("_", 2)[0] if not name.startswith("judge_") else "_".join(name.split("_")[:2]): (name, argv)
+              for name, argv in chain}
+        assert set(by) == {"sft", "rm", "ppo", "judge_ppo", "dpo", "judge_dpo"}
+        size, seed = by["ppo"][0].split("_")[1], by["ppo"][0].split("_")[2]
+        seen.add((size, seed))
+        model = f"EleutherAI/pythia-{size}-deduped"
+        for stage, (name, argv) in by.items():
+            assert name == f"{stage}_{size}_{seed}"
+            f = flags(argv)
+            # every flag exists in the stage script's Args (tyro accepts --no-x for bools)
+            for k in f:
+                if k in ("config_file", "num_processes") and argv[0] == "accelerate":
+                    continue
+                assert k in fields[script_of(argv)] or k.startswith("no_") and k[3:] in fields[script_of(argv)], (name, k)
+            assert f["seed"] == seed
+            if stage in ("sft", "rm", "ppo", "dpo"):
+                # Detail 30: accelerate launch with the repo's ZeRO-2 config on 8 GPUs
+                assert argv[:3] == ["accelerate", "launch", "--config_file"] and f["config_file"] == "deepspeed_zero2.yaml"
+                assert f["num_processes"] == "8"
+                assert float(f["lr"]) == 3e-6  # Detail 8
+                assert f["output_dir"].endswith(name)
+        sft, rm, ppo, dpo = (flags(by[s][1]) for s in ("sft", "rm", "ppo", "dpo"))
+        # Detail 12: SFT batch 128, one epoch; micro-batch x accumulation x 8 GPUs = 128
+        assert sft["base_model"] == model and sft["total_batch_size"] == "128" and sft["num_epochs"] == "1"
+        assert 128 % (int(sft["per_device_batch_size"]) * 8) == 0
+        assert sft["eval_temperature"] == "0.01" and sft["response_length"] == "53"  # Detail 13
+        # Detail 16: RM batch 64, one epoch, trunk from this size's SFT
+        assert rm["total_batch_size"] == "64" and rm["num_train_epochs"] == "1" and rm["sft_model_path"] == sft["output_dir"]
+        assert 64 % (int(rm["per_device_train_batch_size"]) * 8) == 0
+        # Detail 29: 1M episodes, 512 per update, 4 epochs, 1 minibatch, per-size micro x accumulation, rollout batch
+        micro, accum, rollout = DETAIL29[size]
+        assert ppo["preset"] == {"1b": "paper", "2.8b": "paper-2.8b", "6.9b": "paper-6.9b"}[size]
+        assert ppo["total_episodes"] == "1000000" and ppo["batch_size"] == "512"
+        assert ppo["num_ppo_epochs"] == "4" and ppo["num_mini_batches"] == "1"
+        assert (int(ppo["per_device_train_batch_size"]), int(ppo["gradient_accumulation_steps"]),
+                int(ppo["local_rollout_forward_batch_size"])) == (micro, accum, rollout)
+        assert micro * accum * 8 == 512
+        assert ppo["temperature"] == "0.7" and ppo["kl_coef"] == "0.05"  # Details 20, 25
+        # Detail 30: reference + reward model offloaded for 6.9B only
+        assert ("offload" in ppo) == (size == "6.9b") and ("no_offload" in ppo) == (size != "6.9b")
+        assert ppo["sft_model_path"] == sft["output_dir"] and ppo["reward_model_path"] == rm["output_dir"]
+        # Detail 32: DPO beta 0.05, batch 64, one epoch, from the SFT model
+        assert dpo["beta"] == "0.05" and dpo["total_batch_size"] == "64" and dpo["num_epochs"] == "1"
+        assert dpo["sft_model_path"] == sft["output_dir"]
+        # Detail 33: the judge compares PPO (and SFT, paired) with the references using gpt-3.5-turbo-0125
+        jp = flags(by["judge_ppo"][1])
+        assert jp["judge_model"] == "gpt-3.5-turbo-0125"
+        assert jp["samples"] == os.path.join(ppo["output_dir"], "eval_samples.jsonl")
+        assert jp["compare_samples"] == os.path.join(sft["output_dir"], "eval_samples.jsonl")
+    assert seen == {(s, str(x)) for s in DETAIL29 for x in (44413, 55513, 66613, 77713)}
+    zero2 = open(os.path.join(ROOT, "deepspeed_zero2.yaml")).read()
+    assert "zero_stage: 2" in zero2 and "mixed_precision: bf16" in zero2
+
+
+def test_detail29_ppo_presets_exist():
+    """Detail 29: the per-size ppo.py presets the launcher names exist in ppo.py."""
+    src = open(os.path.join(ROOT, "ppo.py")).read()
+    for size, c in sweep.REAL_SIZES.items():
+        assert f'"{c["ppo_preset"]}"' in src, size
+
+
+def test_dry_run_cli_prints_every_command(tmp_path):
+    """`--dry_run` prints each run's name and its full command line; nothing is created."""
+    out = subprocess.run([sys.executable, "benchmark/sweep.py", "--mode", "real", "--dry_run", "--sizes", "2.8b",
+                          "--seeds", "44413", "--out_dir", str(tmp_path / "s")], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    names = [ln[2:] for ln in lines if ln.startswith("# ")]
+    assert names == ["sft_2.8b_44413", "rm_2.8b_44413", "ppo_2.8b_44413", "judge_ppo_2.8b_44413"]
+    ppo = shlex.split(lines[lines.index("# ppo_2.8b_44413") + 1])
+    assert "--per_device_train_batch_size" in ppo and ppo[ppo.index("--per_device_train_batch_size") + 1] == "4"
+    assert not os.path.exists(tmp_path / "s")
+
+
+def test_slurm_dry_run_writes_chained_sbatch(tmp_path):
+    """--slurm writes one sbatch per stage run; each depends (afterok) on the job that writes its input."""
+    args = sweep.Args(mode="real", sizes="1b", seeds="44413", stages="data,sft,rm,ppo,judge", slurm=True, dry_run=True,
+                      out_dir=str(tmp_path / "sw"), slurm_partition="gpu")
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        sweep.main(args)
+    cmds = [ln for ln in buf.getvalue().splitlines() if ln.startswith("sbatch")]
+    assert len(cmds) == 5
+    assert "--dependency" not in cmds[0]  # data
+    assert "--dependency=afterok:<data>" in cmds[1]  # sft waits for the data set
+    assert "--dependency=afterok:<sft_1b_44413>" in cmds[2]  # rm
+    assert "--dependency=afterok:<rm_1b_44413>" in cmds[3]  # ppo
+    assert "--dependency=afterok:<ppo_1b_44413>" in cmds[4]  # judge
+    text = open(tmp_path / "sw" / "slurm" / "ppo_1b_44413.sbatch").read()
+    assert "#SBATCH --gpus-per-node=8" in text and "#SBATCH --partition=gpu" in text
+    assert "accelerate launch --config_file deepspeed_zero2.yaml" in text and "--gradient_accumulation_steps 4" in text
+
+
+def test_embedded_plan_chains_paths_and_seeds(tmp_path):
+    """The embedded sweep: --preset embedded everywhere, --seed per run, later stages read earlier outputs."""
+    args = sweep.Args(mode="embedded", seeds="1,2,3", stages="data,sft,rm,ppo,judge,dpo", out_dir=str(tmp_path / "e"))
+    setup, chains = sweep.plan(args)
+    assert [n for n, _ in setup] == ["task", "data"]
+    assert len(chains) == 9 and [c[0][0] for c in chains[:3]] == ["sft_l_1", "sft_m_1", "sft_s_1"]
+    for chain in chains:
+        f = {name: flags(argv) for name, argv in chain}
+        for name, argv in chain:
+            size, seed = name.split("_")[-2], name.split("_")[-1]
+            assert f[name]["seed"] == seed
+            if not name.startswith("judge"):
+                assert f[name]["preset"] == "embedded"
+        sft = f[f"sft_{size}_{seed}"]
+        assert sft["base_model"].endswith(f"base-{size}")
+        assert f[f"rm_{size}_{seed}"]["sft_model_path"] == sft["output_dir"]
+        assert f[f"ppo_{size}_{seed}"]["reward_model_path"] == f[f"rm_{size}_{seed}"]["output_dir"]
+        assert f[f"ppo_{size}_{seed}"]["num_threads"] == "1"
+        assert f[f"judge_ppo_{size}_{seed}"]["judge"] == "gold"
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def write_fake_sweep(root, sizes=("s", "m", "l"), seeds=(1, 2, 3)):
+    def dump(name, metrics, history=None):
+        d = root / name
+        d.mkdir(parents=True)
+        (d / "metrics.json").write_text(json.dumps(metrics))
+        if history is not None:
+            (d / "metrics.jsonl").write_text("\n".join(json.dumps(h) for h in history) + "\n")
+
+    for i, size in enumerate(sizes):
+        for seed in seeds:
+            acc = 0.6 + 0.05 * i + 0.01 * seed
+            rm = {"val_accuracy": acc, "gold_agreement": acc + 0.05}
+            for c in range(1, 10):
+                rm[f"val_accuracy/confidence_{c}"] = 0.5 + 0.03 * c + 0.02 * i
+            dump(f"rm_{size}_{seed}", rm)
+            dump(f"sft_{size}_{seed}", {"gold_win_rate": 0.2 + 0.05 * i, "val_loss": 1.0})
+            hist = [{"update": u, "objective/scores": 0.1 * u + i, "objective/kl": 0.5 * u, "objective/response_length": 30 + u}
+                    for u in range(1, 6)] + [{"update": 5, "eval/gold_win_rate": 0.5}]
+            dump(f"ppo_{size}_{seed}", {"gold_win_rate": 0.4 + 0.1 * i, "final_kl": 2.0 + seed}, hist)
+            judge = {"win_rate": 0.4 + 0.1 * i + 0.01 * seed, "compare_win_rate": 0.25 + 0.05 * i,
+                     "mean_candidate_token_len": 40.0, "compare_mean_candidate_token_len": 30.0}
+            for b in range(10):
+                lo = -1 + 0.2 * b
+                for p, wr in (("", 0.3 + 0.04 * b), ("compare_", 0.2 + 0.03 * b)):
+                    judge.update({f"{p}len_bin{b}_lo": lo, f"{p}len_bin{b}_hi": lo + 0.2, f"{p}len_bin{b}_n": 20,
+                                  f"{p}len_bin{b}_win_rate": wr})
+            dump(f"judge_ppo_{size}_{seed}", judge)
+    (root / "ppo_l_9").mkdir()  # a run still going: no metrics.json -> left out
+    (root / "logs").mkdir()
+
+
+def test_report_on_fake_sweep(tmp_path):
+    """report.py reads the runs' JSON outputs and writes the four figures and a mean ± std table per size."""
+    sweep_dir = tmp_path / "sweep"
+    write_fake_sweep(sweep_dir)
+    (sweep_dir / "sweep_args.json").write_text(json.dumps({"mode": "embedded", "ppo_total_episodes": 512}))
+    table_path = tmp_path / "docs" / "table.md"
+    table_path.parent.mkdir()
+    table_path.write_text("# Results\n\nintro\n\n<!-- table:start (benchmark/report.py) -->\nSTALE-TABLE\n<!-- table:end -->\n\nanalysis\n")
+    args = report.Args(sweep_dir=str(sweep_dir), out_dir=str(tmp_path / "fig"), table=str(table_path), prefix="t_")
+    report.main(args)
+    for name in ("rm_accuracy", "win_rate_vs_size", "win_rate_by_length", "ppo_curves"):
+        p = tmp_path / "fig" / f"t_{name}.png"
+        assert p.exists() and p.stat().st_size > 5000, name
+    runs = report.collect(str(sweep_dir))
+    assert sorted(runs["ppo"]["l"]) == [1, 2, 3]  # the unfinished ppo_l_9 is not there
+    text = table_path.read_text()
+    assert text.startswith("# Results\n\nintro") and text.rstrip().endswith("analysis") and "STALE-TABLE" not in text
+    rows = {ln.split("|")[1].strip(): ln for ln in text.splitlines() if ln.startswith("| ") and not ln.startswith("| size")}
+    assert list(rows) == ["s", "m", "l"]
+    # RM accuracy for size m: 0.65 + 0.01 * seed -> mean 0.67, std sqrt(2/3)*0.01
+    assert "0.670 ± 0.008" in rows["m"]
+    assert "3/3/3/3" in rows["l"]
+    # the SFT win rate comes from the judge's paired compare numbers, not sft's own metric
+    assert "0.350 ± 0.000" in rows["l"]
+    assert "30.0 / 40.0" in rows["s"]
+    assert '"ppo_total_episodes": 512' in text
+
+
+def test_report_length_pooling_and_fallbacks(tmp_path):
+    """Per-run length bins pool onto common edges (count-weighted); without a judge run the stages' own
+    gold_win_rate is used."""
+    runs = {"judge_ppo": {"s": {1: {"metrics": {"len_bin0_lo": -1.0, "len_bin0_hi": 0.0, "len_bin0_n": 10, "len_bin0_win_rate": 0.2,
+                                                "len_bin1_lo": 0.0, "len_bin1_hi": 1.0, "len_bin1_n": 30, "len_bin1_win_rate": 0.6}},
+                                2: {"metrics": {"len_bin0_lo": -0.5, "len_bin0_hi": 0.5, "len_bin0_n": 10, "len_bin0_win_rate": 1.0}}}}}
+    per_bin = report.pooled_length_bins(runs["judge_ppo"]["s"], "", [-1.0, 0.0, 1.0])
+    assert per_bin[0] == [0.2] and per_bin[1] == pytest.approx([0.6, 1.0])
+    fallback = {"sft": {"m": {1: {"metrics": {"gold_win_rate": 0.1}}}}, "ppo": {"m": {1: {"metrics": {"gold_win_rate": 0.3}}}}}
+    wr = report.win_rates(fallback, "m")
+    assert wr["SFT"] == [0.1] and wr["PPO"] == [0.3] and wr["DPO"] == []
