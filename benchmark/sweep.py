@@ -99,12 +99,22 @@ class Args:
     """seed of the embedded task's data (fixed across the sweep: the seeds vary training, not the data)"""
     max_rows: Optional[int] = 1536
     """tldr_dataset.py --max_rows for the embedded data set (SFT train rows and preference train pairs)"""
-    rm_train_pairs: Optional[int] = 768
-    rm_val_pairs: Optional[int] = 1000
-    rm_norm_samples: int = 256
-    rm_gold_samples: int = 64
-    ppo_total_episodes: int = 512
-    """embedded PPO episodes (batch 64 -> total / 64 updates)"""
+    rm_train_pairs: Optional[int] = 512
+    rm_val_pairs: Optional[int] = 500
+    rm_norm_samples: int = 128
+    rm_gold_samples: int = 32
+    ppo_total_episodes: int = 256
+    ppo_batch_size: int = 32
+    """embedded PPO episodes per update (updates = total / batch)"""
+    ppo_epochs: int = 2
+    """embedded PPO epochs per batch (Detail 29's 4 at paper scale; fewer here to fit the CPU budget)"""
+    ppo_lr: float = 1e-4
+    """embedded PPO learning rate (few updates on CPU: larger than the preset's 3e-5)"""
+    order: Literal["seed", "size"] = "seed"
+    """chain order: seed-major (complete seeds first) or size-major (largest size's seeds first)"""
+    claim: bool = False
+    """claim each chain with a file in {out_dir}/claims before running it, so that several sweep processes
+    started on the same folder share the chains without running one twice"""
     dpo_train_pairs: Optional[int] = 768
     threads: int = 1
     """OMP_NUM_THREADS / torch threads of every embedded process"""
@@ -197,7 +207,10 @@ def embedded_commands(args: Args, size: str, seed: int, stages: List[str]) -> Li
     if "ppo" in stages:
         cmds.append((run_name("ppo", size, seed), [py, "ppo.py", "--preset", "embedded", "--sft_model_path", d["sft"],
                      "--reward_model_path", d["rm"], "--output_dir", d["ppo"], *common,
-                     "--total_episodes", str(args.ppo_total_episodes), "--eval_every", "0", "--no-eval-at-start",
+                     "--total_episodes", str(args.ppo_total_episodes), "--batch_size", str(args.ppo_batch_size),
+                     "--num_ppo_epochs", str(args.ppo_epochs), "--num_mini_batches", "1",
+                     "--per_device_train_batch_size", "16", "--lr", str(args.ppo_lr),
+                     "--eval_every", "0", "--no-eval-at-start",
                      "--save_every", "0", "--no-save-model", "--num_threads", str(args.threads)]))
     judge = lambda cand, out: [py, "eval_gpt_judge.py", "--preset", "embedded", "--judge", "gold",  # noqa: E731
                                "--gold_task_dir", task, "--samples", os.path.join(cand, "eval_samples.jsonl"),
@@ -242,7 +255,10 @@ def plan(args: Args) -> Tuple[List[Tuple[str, List[str]]], List[List[Tuple[str, 
     sizes = sorted(sizes, key=lambda s: -order.index(s) if s in order else 0)
     build = real_commands if args.mode == "real" else embedded_commands
     setup = data_commands(args) if "data" in stages else []
-    chains = [build(args, size, seed, stages) for seed in seeds for size in sizes]
+    if args.order == "size":
+        chains = [build(args, size, seed, stages) for size in sizes for seed in seeds]
+    else:
+        chains = [build(args, size, seed, stages) for seed in seeds for size in sizes]
     return setup, chains
 
 
@@ -274,6 +290,13 @@ def run_one(args: Args, name: str, argv: List[str]) -> bool:
 
 
 def run_chain(args: Args, chain: List[Tuple[str, List[str]]]) -> bool:
+    if args.claim and chain:
+        os.makedirs(os.path.join(args.out_dir, "claims"), exist_ok=True)
+        try:
+            os.close(os.open(os.path.join(args.out_dir, "claims", chain[0][0]), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            print(f"[claimed elsewhere] {chain[0][0]}", flush=True)
+            return True
     for name, argv in chain:
         if not run_one(args, name, argv):
             return False  # later stages need this one's output

@@ -261,3 +261,16 @@ def test_report_length_pooling_and_fallbacks(tmp_path):
     fallback = {"sft": {"m": {1: {"metrics": {"gold_win_rate": 0.1}}}}, "ppo": {"m": {1: {"metrics": {"gold_win_rate": 0.3}}}}}
     wr = report.win_rates(fallback, "m")
     assert wr["SFT"] == [0.1] and wr["PPO"] == [0.3] and wr["DPO"] == []
+
+
+def test_claims_share_chains_between_sweep_processes(tmp_path, monkeypatch):
+    """--claim: a chain already claimed by another sweep process (file in claims/) is skipped, others run."""
+    args = sweep.Args(mode="embedded", sizes="s", seeds="1,2", stages="sft", claim=True, out_dir=str(tmp_path / "c"),
+                      order="size")
+    _, chains = sweep.plan(args)
+    os.makedirs(tmp_path / "c" / "claims")
+    (tmp_path / "c" / "claims" / "sft_s_1").write_text("")
+    ran = []
+    monkeypatch.setattr(sweep, "run_one", lambda a, name, argv: ran.append(name) or True)
+    assert all(sweep.run_chain(args, ch) for ch in chains)
+    assert ran == ["sft_s_2"] and (tmp_path / "c" / "claims" / "sft_s_2").exists()
