@@ -100,7 +100,7 @@ class Args:
     num_train_epochs: int = 1
     """epochs over the preference training split (Detail 16: one)"""
     num_train_pairs: Optional[int] = None
-    """use only the first N training pairs (after dropping identical pairs); None = all"""
+    """use a seeded random subset of N training pairs (after dropping identical pairs); None = all"""
     bf16: bool = True
     """bf16 mixed precision when CUDA is available (ignored on CPU)"""
     identical_pairs: str = "skip"
@@ -142,12 +142,16 @@ PRESETS: Dict[str, Args] = {
         sft_model_path="runs/quickstart/sft",
         dataset_path="runs/quickstart/dataset",
         output_dir="runs/quickstart/rm",
-        lr=3e-4,
+        lr=1e-3,  # tiny, briefly pre-trained models need a far larger step than Pythia's 3e-6
         total_batch_size=32,
         per_device_train_batch_size=16,
+        num_train_pairs=1024,  # CPU budget: ~1/6 of the embedded pairs already gives a clearly above-chance RM
         per_device_eval_batch_size=64,
-        norm_num_samples=2000,
-        num_gold_samples=256,
+        num_val_pairs=500,
+        norm_num_samples=500,
+        norm_recompute_samples=64,
+        num_gold_samples=128,
+        gold_task_dir=None,
         bf16=False,
     ),
 }
@@ -567,8 +571,10 @@ def main(args: Args) -> Dict[str, float]:
         raise ValueError(f"{pref_path}: needs splits 'train' and 'validation', has {list(pref.keys())}")
     train_ds, n_identical_train = check_preference_split(pref["train"], "train", rm_resp_len, rm_qr_len,
                                                          args.identical_pairs)
-    if args.num_train_pairs is not None:
-        train_ds = train_ds.select(range(min(args.num_train_pairs, len(train_ds))))
+    if args.num_train_pairs is not None and args.num_train_pairs < len(train_ds):
+        # a seeded random subset (the split may be ordered by post / batch), kept in the split's order
+        keep = np.random.default_rng(args.seed).choice(len(train_ds), size=args.num_train_pairs, replace=False)
+        train_ds = train_ds.select(np.sort(keep).tolist())
     val_splits = {}
     n_identical_val = 0
     for split in [s for s in pref.keys() if s.startswith("validation")]:
