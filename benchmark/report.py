@@ -87,7 +87,14 @@ def collect(sweep_dir: str) -> Dict[str, Dict[str, Dict[int, dict]]]:
         metrics = read_json(os.path.join(sweep_dir, name, "metrics.json"))
         if metrics is None:
             continue
-        entry = {"metrics": metrics}
+        entry = {"metrics": dict(metrics)}
+        if stage in ("sft", "ppo", "dpo"):
+            # mean gold score of the eval samples (embedded task: the judge's continuous score), when recorded
+            rows = read_jsonl(os.path.join(sweep_dir, name, "eval_samples.jsonl"))
+            for key, out in (("gold_score", "eval_gold_score"), ("gold_reference_score", "eval_gold_reference_score")):
+                xs = [r[key] for r in rows if finite(r.get(key))]
+                if xs:
+                    entry["metrics"][out] = float(np.mean(xs))
         if stage == "ppo":
             entry["history"] = read_jsonl(os.path.join(sweep_dir, name, "metrics.jsonl"))
         runs[stage][size][seed] = entry
@@ -110,6 +117,8 @@ def win_rates(runs, size: str) -> Dict[str, List[float]]:
         or values(runs, "ppo", size, "gold_win_rate")
     out["DPO"] = [r["metrics"]["win_rate"] for r in jd.values() if finite(r["metrics"].get("win_rate"))] \
         or values(runs, "dpo", size, "gold_win_rate")
+    out["PPO vs SFT"] = [r["metrics"]["h2h_win_rate"] for r in jp.values() if finite(r["metrics"].get("h2h_win_rate"))]
+    out["DPO vs SFT"] = [r["metrics"]["h2h_win_rate"] for r in jd.values() if finite(r["metrics"].get("h2h_win_rate"))]
     return out
 
 
@@ -223,18 +232,35 @@ def make_figures(runs, args: Args) -> List[str]:
     fig.suptitle(args.title, fontsize=9)
     save(fig, "rm_accuracy")
 
-    # 2. win rate against the references vs size
-    fig, ax = plt.subplots(figsize=(6, 4))
+    # 2. win rate against the references vs size (+ head-to-head vs SFT; + the gold score when recorded)
+    has_gold = any(values(runs, st, s, "eval_gold_score") for st in ("sft", "ppo", "dpo") for s in sizes)
+    fig, axes = plt.subplots(1, 2 if has_gold else 1, figsize=(11 if has_gold else 6, 4), squeeze=False)
+    ax = axes[0][0]
     wr = {s: win_rates(runs, s) for s in sizes}
-    for j, model in enumerate(("SFT", "PPO", "DPO")):
-        errbar(ax, x + (j - 1) * 0.06, [wr[s][model] for s in sizes], model)
-    ax.axhline(0.5, color="gray", ls="--", lw=1, label="reference (50%)")
+    for j, model in enumerate(("SFT", "PPO", "DPO", "PPO vs SFT", "DPO vs SFT")):
+        kw = {"ls": ":"} if " vs " in model else {}
+        label = f"{model} (head-to-head)" if " vs " in model else f"{model} vs reference"
+        errbar(ax, x + (j - 2) * 0.05, [wr[s][model] for s in sizes], label, **kw)
+    ax.axhline(0.5, color="gray", ls="--", lw=1, label="50%")
     ax.set_xticks(x, sizes)
     ax.set_xlabel("model size")
-    ax.set_ylabel("win rate vs reference summaries")
+    ax.set_ylabel("judge win rate")
     ax.set_ylim(-0.02, 1.02)
-    ax.legend(fontsize=8)
-    ax.set_title(f"judge win rate vs size\n{args.title}", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.set_title("judge win rate vs size", fontsize=9)
+    if has_gold:
+        ax = axes[0][1]
+        for j, (st, model) in enumerate((("sft", "SFT"), ("ppo", "PPO"), ("dpo", "DPO"))):
+            errbar(ax, x + (j - 1) * 0.05, [values(runs, st, s, "eval_gold_score") for s in sizes], model)
+        ref = [v for s in sizes for v in values(runs, "sft", s, "eval_gold_reference_score")]
+        if ref:
+            ax.axhline(float(np.mean(ref)), color="gray", ls="--", lw=1, label="reference summaries")
+        ax.set_xticks(x, sizes)
+        ax.set_xlabel("model size")
+        ax.set_ylabel("mean gold-judge score of eval samples")
+        ax.legend(fontsize=7)
+        ax.set_title("gold score vs size", fontsize=9)
+    fig.suptitle(args.title, fontsize=9)
     save(fig, "win_rate_vs_size")
 
     # 3. win rate by summary length (Detail 34), SFT vs PPO per size
@@ -283,6 +309,11 @@ TABLE_COLUMNS = [
     ("PPO win rate", lambda r, s: win_rates(r, s)["PPO"]),
     ("DPO win rate", lambda r, s: win_rates(r, s)["DPO"]),
     ("DPO reward accuracy", lambda r, s: values(r, "dpo", s, "val_reward_accuracy")),
+    ("PPO vs SFT head-to-head", lambda r, s: win_rates(r, s)["PPO vs SFT"]),
+    ("SFT gold score", lambda r, s: values(r, "sft", s, "eval_gold_score")),
+    ("PPO gold score", lambda r, s: values(r, "ppo", s, "eval_gold_score")),
+    ("DPO gold score", lambda r, s: values(r, "dpo", s, "eval_gold_score")),
+    ("reference gold score", lambda r, s: values(r, "sft", s, "eval_gold_reference_score")),
     ("PPO final KL", lambda r, s: values(r, "ppo", s, "final_kl")),
     ("SFT / PPO length (tokens)", None),
 ]

@@ -215,7 +215,7 @@ def embedded_commands(args: Args, size: str, seed: int, stages: List[str]) -> Li
     judge = lambda cand, out: [py, "eval_gpt_judge.py", "--preset", "embedded", "--judge", "gold",  # noqa: E731
                                "--gold_task_dir", task, "--samples", os.path.join(cand, "eval_samples.jsonl"),
                                "--compare_samples", os.path.join(d["sft"], "eval_samples.jsonl"),
-                               "--output_dir", out, "--seed", str(seed)]
+                               "--output_dir", out, "--seed", str(seed), "--head_to_head"]
     if "judge" in stages:
         cmds.append((run_name("judge_ppo", size, seed), judge(d["ppo"], d["judge_ppo"])))
     if "dpo" in stages:

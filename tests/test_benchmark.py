@@ -207,10 +207,13 @@ def write_fake_sweep(root, sizes=("s", "m", "l"), seeds=(1, 2, 3)):
                 rm[f"val_accuracy/confidence_{c}"] = 0.5 + 0.03 * c + 0.02 * i
             dump(f"rm_{size}_{seed}", rm)
             dump(f"sft_{size}_{seed}", {"gold_win_rate": 0.2 + 0.05 * i, "val_loss": 1.0})
+            (root / f"sft_{size}_{seed}" / "eval_samples.jsonl").write_text("\n".join(
+                json.dumps({"id": str(k), "response": "x", "gold_score": -2.0 + i + k, "gold_reference_score": 5.0})
+                for k in range(2)) + "\n")
             hist = [{"update": u, "objective/scores": 0.1 * u + i, "objective/kl": 0.5 * u, "objective/response_length": 30 + u}
                     for u in range(1, 6)] + [{"update": 5, "eval/gold_win_rate": 0.5}]
             dump(f"ppo_{size}_{seed}", {"gold_win_rate": 0.4 + 0.1 * i, "final_kl": 2.0 + seed}, hist)
-            judge = {"win_rate": 0.4 + 0.1 * i + 0.01 * seed, "compare_win_rate": 0.25 + 0.05 * i,
+            judge = {"win_rate": 0.4 + 0.1 * i + 0.01 * seed, "compare_win_rate": 0.25 + 0.05 * i, "h2h_win_rate": 0.6,
                      "mean_candidate_token_len": 40.0, "compare_mean_candidate_token_len": 30.0}
             for b in range(10):
                 lo = -1 + 0.2 * b
@@ -247,6 +250,9 @@ def test_report_on_fake_sweep(tmp_path):
     # the SFT win rate comes from the judge's paired compare numbers, not sft's own metric
     assert "0.350 ± 0.000" in rows["l"]
     assert "30.0 / 40.0" in rows["s"]
+    # gold scores from the eval samples: size l (i=2): mean(-2+2+0, -2+2+1) = 0.5; the references: 5.0
+    assert "0.500 ± 0.000 | 5.000 ± 0.000" in rows["l"]
+    assert "| 0.600 ± 0.000 |" in rows["m"]  # PPO vs SFT head-to-head
     assert '"ppo_total_episodes": 512' in text
 
 
