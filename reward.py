@@ -28,6 +28,7 @@ counted, reported with a warning and skipped (`--identical_pairs error` makes th
 import json
 import math
 import os
+import resource
 import sys
 import time
 import warnings
@@ -730,6 +731,8 @@ def main(args: Args) -> Dict[str, float]:
         unwrapped.save_pretrained(args.output_dir, save_function=accelerator.save)
         tokenizer.save_pretrained(args.output_dir)
     metrics["total_seconds"] = time.time() - start_time
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    metrics["cpu_seconds"] = usage.ru_utime + usage.ru_stime  # load-independent cost of this process (main rank)
     if accelerator.is_main_process:
         with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=2)
