@@ -210,6 +210,7 @@ def embedded_commands(args: Args, size: str, seed: int, stages: List[str]) -> Li
                      "--total_episodes", str(args.ppo_total_episodes), "--batch_size", str(args.ppo_batch_size),
                      "--num_ppo_epochs", str(args.ppo_epochs), "--num_mini_batches", "1",
                      "--per_device_train_batch_size", "16", "--lr", str(args.ppo_lr),
+                     "--local_rollout_forward_batch_size", str(min(64, args.ppo_batch_size)),
                      "--eval_every", "0", "--no-eval-at-start",
                      "--save_every", "0", "--no-save-model", "--num_threads", str(args.threads)]))
     judge = lambda cand, out: [py, "eval_gpt_judge.py", "--preset", "embedded", "--judge", "gold",  # noqa: E731

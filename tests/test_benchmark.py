@@ -184,7 +184,12 @@ def test_embedded_plan_chains_paths_and_seeds(tmp_path):
         assert sft["base_model"].endswith(f"base-{size}")
         assert f[f"rm_{size}_{seed}"]["sft_model_path"] == sft["output_dir"]
         assert f[f"ppo_{size}_{seed}"]["reward_model_path"] == f[f"rm_{size}_{seed}"]["output_dir"]
-        assert f[f"ppo_{size}_{seed}"]["num_threads"] == "1"
+        ppo = f[f"ppo_{size}_{seed}"]
+        assert ppo["num_threads"] == "1"
+        # ppo.py's batch arithmetic: the rollout forward batch divides the batch, micro-batches divide it too
+        assert int(ppo["batch_size"]) % int(ppo["local_rollout_forward_batch_size"]) == 0
+        assert int(ppo["batch_size"]) % int(ppo["per_device_train_batch_size"]) == 0
+        assert int(ppo["total_episodes"]) % int(ppo["batch_size"]) == 0
         assert f[f"judge_ppo_{size}_{seed}"]["judge"] == "gold"
 
 
