@@ -111,7 +111,7 @@ class Args:
     per_device_eval_batch_size: int = 16
     """sequences per forward pass in evaluation / normalisation"""
     num_val_pairs: Optional[int] = None
-    """use only the first N pairs of each validation split; None = all"""
+    """use a seeded random subset of N pairs of each validation split; None = all"""
     norm_num_samples: Optional[int] = None
     """number of SFT train (query, reference) sequences for the reward normalisation; None = all"""
     norm_recompute_samples: Optional[int] = None
@@ -581,8 +581,9 @@ def main(args: Args) -> Dict[str, float]:
     for split in [s for s in pref.keys() if s.startswith("validation")]:
         ds, n_same = check_preference_split(pref[split], split, rm_resp_len, rm_qr_len, "skip")
         n_identical_val += n_same
-        if args.num_val_pairs is not None:
-            ds = ds.select(range(min(args.num_val_pairs, len(ds))))
+        if args.num_val_pairs is not None and args.num_val_pairs < len(ds):  # seeded random subset, split order
+            keep = np.random.default_rng(args.seed + 1).choice(len(ds), size=args.num_val_pairs, replace=False)
+            ds = ds.select(np.sort(keep).tolist())
         val_splits[split] = ds
     num_updates = (len(train_ds) // args.total_batch_size) * args.num_train_epochs
     if num_updates == 0:

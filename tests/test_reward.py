@@ -421,12 +421,15 @@ def test_end_to_end_subprocess_embedded_preset(fake_run, tmp_path):
            "WANDB_DIR": str(tmp_path)}
     cmd = [sys.executable, os.path.join(ROOT, "reward.py"), "--preset", "embedded", "--sft_model_path", fake_run.sft,
            "--dataset_path", fake_run.data, "--output_dir", str(out), "--total_batch_size", "16",
-           "--per_device_train_batch_size", "8", "--norm_num_samples", "20", "--track"]
+           "--per_device_train_batch_size", "8", "--norm_num_samples", "20", "--track",
+           "--num_train_pairs", "90", "--num_val_pairs", "20"]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
     assert (tmp_path / "wandb").is_dir()  # --track logged an (offline) wandb run
     metrics = json.load(open(out / "metrics.json"))
-    assert metrics["num_updates"] == 6 and "val_accuracy" in metrics
+    # 90 pairs = 5 updates of 16 + a remainder of 10 that is dropped (never a duplicated pair)
+    assert metrics["num_updates"] == 5 and metrics["train_pairs_dropped_remainder"] == 10
+    assert metrics["val_num_pairs"] == 20 and "val_accuracy" in metrics
     assert (out / "args.json").exists() and (out / "config.json").exists()
 
 
