@@ -102,15 +102,20 @@ PRESETS = {
         sft_model_path="runs/quickstart/sft",
         dataset_path="runs/quickstart/dataset",
         output_dir="runs/quickstart/dpo",
-        lr=1e-4,  # tiny models need a far larger step than Pythia's 3e-6 to move within one short epoch
+        # Tiny models need a far larger step than Pythia's 3e-6. Measured on the embedded task (a base-m SFT, 1024
+        # pairs): lr 1e-4 -> implicit reward accuracy 0.574 and a better gold score than the SFT model; 3e-4 ->
+        # 0.608 on that SFT but 0.56 with degenerate, repetitive samples on another; 1e-3 -> val loss above log 2.
+        lr=1e-4,
         total_batch_size=32,
         per_device_batch_size=16,
-        eval_every=50,
+        num_train_pairs=1024,  # about 2-3 CPU minutes; the full 5,980 pairs take ~6x longer
+        eval_every=0,
         num_val_pairs=500,
         per_device_eval_batch_size=50,
         num_eval_samples=200,
         eval_batch_size=50,
         gold_task_dir="runs/quickstart/task",
+        eval_reference=False,  # the SFT run already judged the same queries with the same seed
     ),
 }
 
