@@ -68,6 +68,8 @@ class Args:
     """shape of the four random-weight GPT-NeoX models (1b = Pythia-1B: hidden 2048, 16 layers)"""
     vocab_size: Optional[int] = None
     """tokenizer size incl. EOS and [PAD] (default: 1,700 like the embedded task; 50,279 for 1b)"""
+    ppo_path: str = "ppo.py"
+    """the ppo.py to measure (relative to the repository root): compare a modified copy against the original"""
     sides: str = "ppo,trl"
     """which implementations to run, comma-separated"""
     num_updates: int = 4
@@ -80,9 +82,9 @@ class Args:
     num_mini_batches: int = 2
     num_ppo_epochs: int = 4
     local_rollout_forward_batch_size: int = 64
-    query_length: int = 256
-    """queries have between min_query_fraction x query_length and query_length real tokens (left-padded)"""
-    min_query_fraction: float = 0.5
+    query_length: Optional[int] = None
+    """queries are left-padded to this (default 256 as the embedded task, 512 for 1b as the paper); real lengths
+    are drawn like the embedded task's (see query_lengths)"""
     response_length: int = 53
     temperature: float = 0.7
     lr: float = 3e-6
@@ -107,6 +109,8 @@ def parse_args(argv=None) -> Args:
     args = tyro.cli(Args, args=argv)
     if args.vocab_size is None:
         args = replace(args, vocab_size=50279 if args.model_size == "1b" else 1700)
+    if args.query_length is None:
+        args = replace(args, query_length=512 if args.model_size == "1b" else 256)
     if args.device == "cuda" and args.matmul_size == 2048:
         args = replace(args, matmul_size=8192)
     sides = [s.strip() for s in args.sides.split(",") if s.strip()]
@@ -121,8 +125,6 @@ def parse_args(argv=None) -> Args:
         raise ValueError(f"batch_size ({args.batch_size}) must divide by per_device_train_batch_size x "
                          f"num_mini_batches ({per_step}) and by local_rollout_forward_batch_size "
                          f"({args.local_rollout_forward_batch_size})")
-    if not 0 < args.min_query_fraction <= 1:
-        raise ValueError(f"min_query_fraction must be in (0, 1], got {args.min_query_fraction}")
     return args
 
 
@@ -193,6 +195,15 @@ def make_tokenizer(vocab_size: int):
     return tok
 
 
+def query_lengths(n: int, query_length: int, gen) -> list:
+    """Real query lengths shaped like the embedded task's TL;DR-style queries (114-231 tokens of 256, median
+    173): normal with mean 0.68 and sd 0.1 of query_length, clipped to [0.45, 0.9] x query_length."""
+    import torch
+
+    x = (0.68 + 0.1 * torch.randn(n, generator=gen)).clamp(0.45, 0.9)
+    return [max(1, int(round(float(v) * query_length))) for v in x]
+
+
 def build_task(args: Args, task_dir: str) -> dict:
     """sft/ (GPTNeoXForCausalLM + tokenizer), rm/ (ppo.py's ScalarModel on the same trunk), dataset/ (SPEC
     schema, `sft` splits train/validation) under task_dir. Returns facts about the task."""
@@ -239,8 +250,7 @@ def build_task(args: Args, task_dir: str) -> dict:
     q_len, r_len = args.query_length, 8
 
     def split(n: int, name: str) -> Dataset:
-        lo = max(1, int(args.min_query_fraction * q_len))
-        lengths = torch.randint(lo, q_len + 1, (n,), generator=gen).tolist()
+        lengths = query_lengths(n, q_len, gen)
         cols = {k: [] for k in ("id", "subreddit", "title", "post", "summary", "query", "query_token",
                                 "reference_response", "reference_response_token", "reference_response_token_len",
                                 "query_reference_response", "query_reference_response_token",
@@ -308,12 +318,21 @@ def phase_summary(updates: list, warmup: int, batch: int) -> dict:
             "per_update": updates}
 
 
+def load_ppo(path: str = "ppo.py"):
+    """Import the ppo.py at `path` (relative to the repository root) as the module `ppo`."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ppo", os.path.join(ROOT, path))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["ppo"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def worker_ppo(args: Args, task: dict, run_dir: str) -> dict:
     import torch
 
-    sys.path.insert(0, ROOT)
-    import ppo
-
+    ppo = load_ppo(args.ppo_path)
     base_rss = rss_now_mb()
     widths = []  # (rows, query width) of every rollout generation: FLOPs follow the batch's trimmed context
     original_generate = ppo.generate
