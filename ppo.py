@@ -169,17 +169,18 @@ PRESETS = {
         sft_model_path="runs/quickstart/sft",
         reward_model_path="runs/quickstart/rm",
         dataset_path="runs/quickstart/dataset",
-        total_episodes=2048,
-        batch_size=64,
+        total_episodes=640,  # 20 updates of 32 episodes: ~5 minutes on 2 CPU cores
+        batch_size=32,
         per_device_train_batch_size=16,
-        num_mini_batches=2,
-        local_rollout_forward_batch_size=64,
-        lr=3e-5,
-        eval_every=8,
+        num_mini_batches=2,  # 2 optimizer steps per PPO epoch
+        num_ppo_epochs=2,  # fewer passes than the paper's 4: the training passes dominate the CPU time
+        local_rollout_forward_batch_size=32,
+        lr=3e-5,  # tiny models from a brief pre-training need a larger step than Pythia's 3e-6
+        eval_every=10,
         eval_at_start=True,
         num_eval_samples=200,  # the first 200 validation queries, as sft.py's embedded preset
         eval_batch_size=100,
-        save_every=8,
+        save_every=10,
         num_threads=2,
     ),
 }
@@ -665,7 +666,7 @@ def evaluate(args, accelerator, policy, reward_model, tokenizer, eval_data, judg
         for col in ("query (end)", "response", "reference", "score"):
             table.add_column(col)
         for j in range(min(args.num_sample_rows, n)):
-            table.add_row(eval_data["query"][j][-200:], texts[j], references[j], f"{scores[j].item():.2f}")
+            table.add_row("..." + eval_data["query"][j][-120:], texts[j], references[j], f"{scores[j].item():.2f}")
         console.print(table)
         console.print({k: round(v, 4) for k, v in metrics.items()})
     return metrics

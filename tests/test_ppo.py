@@ -564,7 +564,8 @@ def test_detail10_two_processes_gloo(task, tmp_path):
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
                 str(29500 + os.getpid() % 1000)]
-    run(ppo_cmd(task, tmp_path, "--total_episodes", "48", launcher=launcher), timeout=300)
+    # 2 processes x micro-batch 4 x 2 minibatches x 2 accumulation steps = 32 episodes per update
+    run(ppo_cmd(task, tmp_path, "--total_episodes", "96", "--batch_size", "32", launcher=launcher), timeout=300)
     recs = read_jsonl(tmp_path / "metrics.jsonl")
     assert [r["update"] for r in recs] == [1, 2, 3]
     ckpt = tmp_path / "checkpoints" / "update_000002"
@@ -572,7 +573,7 @@ def test_detail10_two_processes_gloo(task, tmp_path):
     assert not torch.equal(states[0]["torch_manual_seed"], states[1]["torch_manual_seed"])
     assert recs[0]["objective/kl"] == 0.0
     args = json.load(open(tmp_path / "args.json"))
-    assert args["num_processes"] == 2 and args["gradient_accumulation_steps"] == 1
+    assert args["num_processes"] == 2 and args["gradient_accumulation_steps"] == 2
     assert len(read_jsonl(tmp_path / "eval_samples.jsonl")) == 8
     final = json.load(open(tmp_path / "metrics.json"))
     assert math.isfinite(final["final_kl"])
