@@ -552,10 +552,12 @@ def test_nonfinite_loss_stops_with_checkpoint(task, tmp_path):
     assert os.path.isfile(tmp_path / "checkpoints" / "nonfinite_update_000002" / "trainer_state.json")
 
 
-def test_bad_batch_arithmetic_fails_fast(task, tmp_path):
-    """Detail 29: inconsistent sizes stop the script at start-up with a message naming them."""
-    p = run(ppo_cmd(task, tmp_path, "--batch_size", "20"), expect_rc=1)
-    assert "batch_size (20) does not divide" in p.stderr and "per_device_train_batch_size (4)" in p.stderr
+def test_detail29_bad_batch_arithmetic_fails_at_startup(task, tmp_path):
+    """Detail 29: main() rejects inconsistent sizes before loading anything, naming the sizes."""
+    argv = ppo_cmd(task, tmp_path, "--batch_size", "20")[2:]
+    with pytest.raises(ValueError, match=r"batch_size \(20\) does not divide .*per_device_train_batch_size \(4\)"):
+        ppo.main(ppo.parse_args(argv))
+    assert not os.path.exists(tmp_path / "args.json")
 
 
 def test_detail10_two_processes_gloo(task, tmp_path):
