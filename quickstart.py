@@ -27,19 +27,21 @@ STAGES = ("task", "data", "sft", "rm", "ppo", "judge", "dpo")
 class Args:
     out_dir: str = "runs/quickstart"
     seed: int = 1
-    size: str = "m"
-    """embedded base model size: s, m or l"""
+    size: str = "s"
+    """embedded base model size: s (fits the 10-minute CPU budget), m or l"""
+    num_threads: int = 0
+    """torch threads for every stage (0: the library default; 1 on a machine busy with other jobs)"""
     stages: str = "task,data,sft,rm,ppo,judge"
     """comma-separated subset of task,data,sft,rm,ppo,judge,dpo (dpo is optional: add it to run DPO too)"""
 
 
-def run(stage: str, cmd: list, log_dir: str) -> float:
+def run(stage: str, cmd: list, log_dir: str, env: dict) -> float:
     console.rule(f"[bold]{stage}")
     console.print(" ".join(cmd), style="dim")
     start = time.time()
     # Output streams to the terminal (progress bars) and the stage's own log file under the run folder.
     with open(os.path.join(log_dir, f"{stage}.log"), "w") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env)
         for line in proc.stdout:
             sys.stdout.write(line)
             log.write(line)
@@ -77,11 +79,15 @@ def main(args: Args):
         "dpo": [py, "dpo.py", "--preset", "embedded", "--sft_model_path", sft, "--dataset_path", data,
                 "--output_dir", dpo, "--gold_task_dir", task, *common],
     }
+    env = dict(os.environ)
+    if args.num_threads:
+        env["OMP_NUM_THREADS"] = str(args.num_threads)
+        commands["task"] += ["--num_threads", str(args.num_threads)]
     start = time.time()
     seconds = {}
     for stage in STAGES:
         if stage in stages:
-            seconds[f"{stage}_seconds"] = round(run(stage, commands[stage], o), 1)
+            seconds[f"{stage}_seconds"] = round(run(stage, commands[stage], o, env), 1)
 
     summary = read(os.path.join(o, "summary.json"))
     meta = read(os.path.join(data, "meta.json"))
