@@ -722,23 +722,30 @@ def main(args: Args) -> Dict[str, float]:
             c, r = val_scores["validation"]
             console.print(pairs_table(val_splits["validation"], c, r, args.num_table_rows, "validation pairs"))
 
-        # ---------------- gold judge (embedded task only)
-        if args.gold_task_dir is not None and accelerator.is_main_process:
+    accelerator.wait_for_everyone()
+
+    # ---------------- save (before the gold evaluation, so a failure there loses neither model nor metrics)
+    def write_metrics():
+        metrics["total_seconds"] = time.time() - start_time
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        metrics["cpu_seconds"] = usage.ru_utime + usage.ru_stime  # load-independent cost of this process (main rank)
+        with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=2)
+
+    if accelerator.is_main_process:
+        unwrapped.save_pretrained(args.output_dir, save_function=accelerator.save)
+        tokenizer.save_pretrained(args.output_dir)
+        write_metrics()
+
+    # ---------------- gold judge (embedded task only)
+    if args.gold_task_dir is not None and accelerator.is_main_process:
+        with progress:
             metrics.update(gold_metrics(args, unwrapped, tokenizer, val_splits.get("validation"),
                                         val_scores.get("validation"), sft_ds, meta, pad_id, accelerator, console,
                                         progress))
     accelerator.wait_for_everyone()
-
-    # ---------------- save
     if accelerator.is_main_process:
-        unwrapped.save_pretrained(args.output_dir, save_function=accelerator.save)
-        tokenizer.save_pretrained(args.output_dir)
-    metrics["total_seconds"] = time.time() - start_time
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    metrics["cpu_seconds"] = usage.ru_utime + usage.ru_stime  # load-independent cost of this process (main rank)
-    if accelerator.is_main_process:
-        with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
-            json.dump(metrics, f, indent=2)
+        write_metrics()
         summary = Table(title="reward model metrics")
         summary.add_column("metric"), summary.add_column("value")
         for k, v in metrics.items():
