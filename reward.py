@@ -568,6 +568,7 @@ def main(args: Args) -> Dict[str, float]:
     if not os.path.isdir(pref_path):
         raise ValueError(f"--dataset_path: {pref_path} does not exist (run tldr_dataset.py first)")
     pref: DatasetDict = load_from_disk(pref_path)
+    # Detail 5: RM limits, responses <= 169 tokens and query + response <= 638 (paper; meta.json when present)
     rm_resp_len = int(meta.get("rm_response_length", 169))
     rm_qr_len = int(meta.get("rm_query_response_length", 638))
     if "train" not in pref or "validation" not in pref:
@@ -716,6 +717,7 @@ def main(args: Args) -> Dict[str, float]:
         for split, ds in val_splits.items():
             c, r = score_pairs(accelerator, model, ds, pad_id, args.per_device_eval_batch_size, progress, split)
             val_scores[split] = (c, r)
+            # Detail 18: validation_cnndm (when present) is reported separately under val_cnndm_*
             prefix = "val" if split == "validation" else f"val_{split[len('validation_'):]}"
             metrics.update(validation_metrics(prefix, c, r, ds))
         if "validation" in val_scores:
