@@ -837,8 +837,14 @@ def generate(model, queries, pad_id: int, gen_config):
 
     mask = queries != pad_id
     input_ids = queries.masked_fill(~mask, 0)
-    with torch.no_grad():
-        out = model.generate(input_ids=input_ids, attention_mask=mask.long(), generation_config=gen_config)
+    # `generate` fills the config's unset (None) fields from the model's own generation config: lift its EOS
+    # too, or generation would stop early once every row has emitted EOS (Detail 13: exactly 53 tokens).
+    saved_eos, model.generation_config.eos_token_id = model.generation_config.eos_token_id, None
+    try:
+        with torch.no_grad():
+            out = model.generate(input_ids=input_ids, attention_mask=mask.long(), generation_config=gen_config)
+    finally:
+        model.generation_config.eos_token_id = saved_eos
     return out[:, queries.shape[1] :]
 
 
