@@ -511,8 +511,14 @@ def generate_greedy(policy, queries: torch.Tensor, pad_id: int, response_length:
     config = GenerationConfig(max_new_tokens=response_length, min_new_tokens=None, temperature=temperature,
                               top_k=0, top_p=1.0, do_sample=True, eos_token_id=None, pad_token_id=pad_id)
     mask = queries != pad_id
-    out = policy.generate(input_ids=queries.masked_fill(~mask, INVALID_PAD_ID), attention_mask=mask.long(),
-                          generation_config=config)
+    # `generate` fills the config's unset (None) fields from the model's own generation config: lift its EOS too,
+    # or generation stops early once every row has emitted EOS.
+    saved_eos, policy.generation_config.eos_token_id = policy.generation_config.eos_token_id, None
+    try:
+        out = policy.generate(input_ids=queries.masked_fill(~mask, INVALID_PAD_ID), attention_mask=mask.long(),
+                              generation_config=config)
+    finally:
+        policy.generation_config.eos_token_id = saved_eos
     return out[:, queries.shape[1]:]
 
 
