@@ -91,6 +91,8 @@ def collect(sweep_dir: str) -> Dict[str, Dict[str, Dict[int, dict]]]:
         if stage in ("sft", "ppo", "dpo"):
             # mean gold score of the eval samples (embedded task: the judge's continuous score), when recorded
             rows = read_jsonl(os.path.join(sweep_dir, name, "eval_samples.jsonl"))
+            entry["samples"] = [(r["response_token_len"], r["gold_score"]) for r in rows
+                                if finite(r.get("gold_score")) and finite(r.get("response_token_len"))]
             for key, out in (("gold_score", "eval_gold_score"), ("gold_reference_score", "eval_gold_reference_score")):
                 xs = [r[key] for r in rows if finite(r.get(key))]
                 if xs:
@@ -161,6 +163,22 @@ def pooled_length_bins(judge_runs: Dict[int, dict], prefix: str, edges: np.ndarr
         for b in range(len(edges) - 1):
             if counts[b] >= 3:  # a bin with one or two items is noise
                 per_bin[b].append(wins[b] / counts[b])
+    return per_bin
+
+
+GOLD_LEN_EDGES = [0, 15, 25, 35, 45, 54]
+
+
+def gold_by_length(by_seed: Dict[int, dict], edges: np.ndarray) -> List[List[float]]:
+    """Per length bin (tokens), the seeds' mean gold score of the eval samples in that bin (bins with >= 3)."""
+    per_bin: List[List[float]] = [[] for _ in range(len(edges) - 1)]
+    for r in by_seed.values():
+        pts = np.array(r.get("samples") or [], dtype=float).reshape(-1, 2)
+        idx = np.clip(np.searchsorted(edges, pts[:, 0], side="right") - 1, 0, len(edges) - 2)
+        for b in range(len(edges) - 1):
+            sel = idx == b
+            if sel.sum() >= 3:
+                per_bin[b].append(float(pts[sel, 1].mean()))
     return per_bin
 
 
@@ -281,6 +299,23 @@ def make_figures(runs, args: Args) -> List[str]:
         axes[0][0].set_ylabel("win rate vs reference")
     fig.suptitle(f"win rate by summary length - {args.title}", fontsize=9)
     save(fig, "win_rate_by_length")
+
+    # 3b. mean gold score by summary length (tokens), from the eval samples (embedded task)
+    if any(r.get("samples") for st in ("sft", "ppo", "dpo") for by in runs.get(st, {}).values() for r in by.values()):
+        edges = np.array(GOLD_LEN_EDGES, dtype=float)
+        centers = 0.5 * (edges[1:] + edges[:-1])
+        fig, axes = plt.subplots(1, max(1, len(sizes)), figsize=(4 * max(1, len(sizes)), 3.6), sharey=True, squeeze=False)
+        for ax, s in zip(axes[0], sizes):
+            for st, label in (("sft", "SFT"), ("ppo", "PPO"), ("dpo", "DPO")):
+                by_seed = runs.get(st, {}).get(s, {})
+                if by_seed:
+                    errbar(ax, centers, gold_by_length(by_seed, edges), label)
+            ax.set_title(f"size {s}")
+            ax.set_xlabel("summary length (tokens)")
+            ax.legend(fontsize=8)
+        axes[0][0].set_ylabel("mean gold-judge score")
+        fig.suptitle(f"gold score by summary length - {args.title}", fontsize=9)
+        save(fig, "gold_score_by_length")
 
     # 4. PPO training curves
     keys = [("objective/scores", "RM score (after EOS penalty)"), ("objective/kl", "KL(policy || SFT)"),

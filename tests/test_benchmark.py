@@ -213,8 +213,9 @@ def write_fake_sweep(root, sizes=("s", "m", "l"), seeds=(1, 2, 3)):
             dump(f"rm_{size}_{seed}", rm)
             dump(f"sft_{size}_{seed}", {"gold_win_rate": 0.2 + 0.05 * i, "val_loss": 1.0})
             (root / f"sft_{size}_{seed}" / "eval_samples.jsonl").write_text("\n".join(
-                json.dumps({"id": str(k), "response": "x", "gold_score": -2.0 + i + k, "gold_reference_score": 5.0})
-                for k in range(2)) + "\n")
+                json.dumps({"id": str(k), "response": "x", "response_token_len": 20, "gold_score": -2.0 + i + k,
+                            "gold_reference_score": 5.0})
+                for k in range(4)) + "\n")
             hist = [{"update": u, "objective/scores": 0.1 * u + i, "objective/kl": 0.5 * u, "objective/response_length": 30 + u}
                     for u in range(1, 6)] + [{"update": 5, "eval/gold_win_rate": 0.5}]
             dump(f"ppo_{size}_{seed}", {"gold_win_rate": 0.4 + 0.1 * i, "final_kl": 2.0 + seed}, hist)
@@ -240,7 +241,7 @@ def test_report_on_fake_sweep(tmp_path):
     table_path.write_text("# Results\n\nintro\n\n<!-- table:start (benchmark/report.py) -->\nSTALE-TABLE\n<!-- table:end -->\n\nanalysis\n")
     args = report.Args(sweep_dir=str(sweep_dir), out_dir=str(tmp_path / "fig"), table=str(table_path), prefix="t_")
     report.main(args)
-    for name in ("rm_accuracy", "win_rate_vs_size", "win_rate_by_length", "ppo_curves"):
+    for name in ("rm_accuracy", "win_rate_vs_size", "win_rate_by_length", "ppo_curves", "gold_score_by_length"):
         p = tmp_path / "fig" / f"t_{name}.png"
         assert p.exists() and p.stat().st_size > 5000, name
     runs = report.collect(str(sweep_dir))
@@ -255,8 +256,8 @@ def test_report_on_fake_sweep(tmp_path):
     # the SFT win rate comes from the judge's paired compare numbers, not sft's own metric
     assert "0.350 ± 0.000" in rows["l"]
     assert "30.0 / 40.0" in rows["s"]
-    # gold scores from the eval samples: size l (i=2): mean(-2+2+0, -2+2+1) = 0.5; the references: 5.0
-    assert "0.500 ± 0.000 | 5.000 ± 0.000" in rows["l"]
+    # gold scores from the eval samples: size l (i=2): mean(0, 1, 2, 3) = 1.5; the references: 5.0
+    assert "1.500 ± 0.000 | 5.000 ± 0.000" in rows["l"]
     assert "| 0.600 ± 0.000 |" in rows["m"]  # PPO vs SFT head-to-head
     assert '"ppo_total_episodes": 512' in text
 
