@@ -337,8 +337,22 @@ def make_figures(runs, args: Args) -> List[str]:
     return written
 
 
+def rm_confidence(runs, size: str, levels) -> List[float]:
+    """Per seed, the RM validation accuracy pooled over these labeller confidence levels (count-weighted)."""
+    out = []
+    for r in runs.get("rm", {}).get(size, {}).values():
+        m = r["metrics"]
+        pairs = [(m.get(f"val_accuracy/confidence_{c}"), m.get(f"val_count/confidence_{c}")) for c in levels]
+        pairs = [(a, n) for a, n in pairs if finite(a) and finite(n) and n > 0]
+        if pairs:
+            out.append(sum(a * n for a, n in pairs) / sum(n for _, n in pairs))
+    return out
+
+
 TABLE_COLUMNS = [
     ("RM val accuracy", lambda r, s: values(r, "rm", s, "val_accuracy")),
+    ("RM acc., confidence 1-4", lambda r, s: rm_confidence(r, s, range(1, 5))),
+    ("RM acc., confidence 6-9", lambda r, s: rm_confidence(r, s, range(6, 10))),
     ("RM gold agreement", lambda r, s: values(r, "rm", s, "gold_agreement")),
     ("SFT win rate", lambda r, s: win_rates(r, s)["SFT"]),
     ("PPO win rate", lambda r, s: win_rates(r, s)["PPO"]),

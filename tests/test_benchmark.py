@@ -210,6 +210,7 @@ def write_fake_sweep(root, sizes=("s", "m", "l"), seeds=(1, 2, 3)):
             rm = {"val_accuracy": acc, "gold_agreement": acc + 0.05}
             for c in range(1, 10):
                 rm[f"val_accuracy/confidence_{c}"] = 0.5 + 0.03 * c + 0.02 * i
+                rm[f"val_count/confidence_{c}"] = 10 if c != 4 else 30
             dump(f"rm_{size}_{seed}", rm)
             dump(f"sft_{size}_{seed}", {"gold_win_rate": 0.2 + 0.05 * i, "val_loss": 1.0})
             (root / f"sft_{size}_{seed}" / "eval_samples.jsonl").write_text("\n".join(
@@ -253,6 +254,8 @@ def test_report_on_fake_sweep(tmp_path):
     # RM accuracy for size m: 0.65 + 0.01 * seed -> mean 0.67, std sqrt(2/3)*0.01
     assert "0.670 ± 0.008" in rows["m"]
     assert "3/3/3/3" in rows["l"]
+    # confidence 1-4 pooled by count for size s (i=0): (0.53*10 + 0.56*10 + 0.59*10 + 0.62*30) / 60 = 0.585
+    assert "| 0.585 ± 0.000 |" in rows["s"]
     # the SFT win rate comes from the judge's paired compare numbers, not sft's own metric
     assert "0.350 ± 0.000" in rows["l"]
     assert "30.0 / 40.0" in rows["s"]
