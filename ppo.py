@@ -969,11 +969,13 @@ def main(args: Args):
         }
         if "eval/gold_win_rate" in eval_metrics:
             final["gold_win_rate"] = eval_metrics["eval/gold_win_rate"]
+            final["gold_score"] = eval_metrics["eval/gold_score"]
         first_eval = next((m for m in metrics_history if m.get("update") == 0 and "eval/rm_score" in m), None)
         if first_eval is not None:
             final["initial_eval_rm_score"] = first_eval["eval/rm_score"]
             if "eval/gold_win_rate" in first_eval:
                 final["initial_gold_win_rate"] = first_eval["eval/gold_win_rate"]
+                final["initial_gold_score"] = first_eval["eval/gold_score"]
         final = {k: v for k, v in final.items() if v is not None}
         with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
             json.dump(final, f, indent=1)
