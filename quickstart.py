@@ -83,6 +83,7 @@ def main(args: Args):
     if args.num_threads:
         env["OMP_NUM_THREADS"] = str(args.num_threads)
         commands["task"] += ["--num_threads", str(args.num_threads)]
+        commands["ppo"] += ["--num_threads", str(args.num_threads)]
     start = time.time()
     seconds = {}
     for stage in STAGES:
