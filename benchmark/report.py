@@ -409,7 +409,12 @@ def write_table(path: str, table: str, args: Args) -> None:
     settings = read_json(os.path.join(args.sweep_dir, "sweep_args.json"))
     block = f"{START}\n{table}\n\nMean ± std over seeds ({args.title}).\n"
     if settings:
-        block += "Sweep settings: `" + json.dumps({k: v for k, v in settings.items() if v not in ("", None)}) + "`\n"
+        skip = {"sizes", "seeds", "out_dir", "dry_run", "jobs", "claim", "order", "slurm", "slurm_time", "slurm_partition",
+                "slurm_extra", "dataset_dir", "task_dir"}
+        if settings.get("mode") == "embedded":
+            skip |= {"accelerate_config", "num_processes", "judge_max_samples"}
+        kept = {k: v for k, v in settings.items() if v not in ("", None) and k not in skip}
+        block += "Sweep settings (benchmark/sweep.py flags): `" + json.dumps(kept) + "`\n"
     block += END
     old = open(path).read() if os.path.exists(path) else f"# Sweep results: {args.title}\n\n{START}\n{END}\n"
     if START in old and END in old:

@@ -115,7 +115,7 @@ class Args:
     claim: bool = False
     """claim each chain with a file in {out_dir}/claims before running it, so that several sweep processes
     started on the same folder share the chains without running one twice"""
-    dpo_train_pairs: Optional[int] = 768
+    dpo_train_pairs: Optional[int] = 512
     threads: int = 1
     """OMP_NUM_THREADS / torch threads of every embedded process"""
 
