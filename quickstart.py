@@ -90,7 +90,7 @@ def main(args: Args):
         if stage in stages:
             seconds[f"{stage}_seconds"] = round(run(stage, commands[stage], o, env), 1)
 
-    summary = read(os.path.join(o, "summary.json"))
+    summary = {k: v for k, v in read(os.path.join(o, "summary.json")).items() if "len_bin" not in k}
     meta = read(os.path.join(data, "meta.json"))
     for key, n in meta.get("counts", {}).items():
         summary[f"data_{key.replace('/', '_')}_rows"] = n
@@ -98,33 +98,37 @@ def main(args: Args):
     pick = {
         "sft_val_loss": s.get("val_loss"), "sft_gold_win_rate": s.get("gold_win_rate"),
         "base_gold_win_rate": s.get("base_gold_win_rate"), "sft_rougeL": s.get("sft_rougeL"),
+        "base_gold_score": s.get("base_gold_score"), "sft_gold_score": s.get("sft_gold_score"),
+        "ppo_gold_score": p.get("gold_score"), "dpo_gold_score": d.get("dpo_gold_score"),
         "rm_val_accuracy": r.get("val_accuracy"), "rm_gold_agreement": r.get("gold_agreement"),
         "ppo_gold_win_rate": p.get("gold_win_rate"), "ppo_final_kl": p.get("final_kl"),
         "ppo_final_score": p.get("final_score"), "ppo_episodes_per_second": p.get("episodes_per_second"),
         "dpo_gold_win_rate": d.get("gold_win_rate"), "dpo_val_reward_accuracy": d.get("val_reward_accuracy"),
     }
     summary.update({k: v for k, v in pick.items() if v is not None})
-    summary.update({f"judge_{k}": v for k, v in j.items() if isinstance(v, (int, float))})
+    # the judge's headline statistics (its per-length-bin figures stay in judge/metrics.json)
+    summary.update({f"judge_{k}": v for k, v in j.items() if isinstance(v, (int, float)) and "len_bin" not in k})
     summary.update(seconds)
-    summary["wall_seconds"] = round(time.time() - start, 1)
+    # the pipeline's wall time: every stage's seconds, also those of stages run by an earlier invocation
+    summary["wall_seconds"] = round(sum(v for k, v in summary.items() if k.endswith("_seconds") and k[: -len("_seconds")] in STAGES), 1)
     summary["seed"], summary["size"] = args.seed, args.size
     with open(os.path.join(o, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
 
     table = Table(title="Embedded TL;DR task: gold-judge win rate against the reference summaries")
-    for col in ("model", "gold win rate", "other"):
+    for col in ("model", "gold win rate", "mean gold score", "other"):
         table.add_column(col)
     fmt = lambda v: "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))  # noqa: E731
-    table.add_row(f"base-{args.size} (pretrained only)", fmt(summary.get("base_gold_win_rate")), "")
-    table.add_row("SFT", fmt(summary.get("sft_gold_win_rate")), f"val loss {fmt(summary.get('sft_val_loss'))}")
+    table.add_row(f"base-{args.size} (pretrained only)", fmt(summary.get("base_gold_win_rate")), fmt(summary.get("base_gold_score")), "")
+    table.add_row("SFT", fmt(summary.get("sft_gold_win_rate")), fmt(summary.get("sft_gold_score")), f"val loss {fmt(summary.get('sft_val_loss'))}")
     if "rm_val_accuracy" in summary:
-        table.add_row("reward model", "", f"val accuracy {fmt(summary['rm_val_accuracy'])}, gold agreement {fmt(summary.get('rm_gold_agreement'))}")
+        table.add_row("reward model", "", "", f"val accuracy {fmt(summary['rm_val_accuracy'])}, gold agreement {fmt(summary.get('rm_gold_agreement'))}")
     if "ppo_gold_win_rate" in summary:
-        table.add_row("PPO", fmt(summary["ppo_gold_win_rate"]),
+        table.add_row("PPO", fmt(summary["ppo_gold_win_rate"]), fmt(summary.get("ppo_gold_score")),
                       f"final KL {fmt(summary.get('ppo_final_kl'))}, RM score {fmt(summary.get('ppo_final_score'))}, "
                       f"{fmt(summary.get('ppo_episodes_per_second'))} episodes/s")
     if "dpo_gold_win_rate" in summary:
-        table.add_row("DPO", fmt(summary["dpo_gold_win_rate"]), f"implicit reward accuracy {fmt(summary.get('dpo_val_reward_accuracy'))}")
+        table.add_row("DPO", fmt(summary["dpo_gold_win_rate"]), fmt(summary.get("dpo_gold_score")), f"implicit reward accuracy {fmt(summary.get('dpo_val_reward_accuracy'))}")
     console.print(table)
     console.print(f"wall time {summary['wall_seconds']:.0f} s")
     print(os.path.abspath(os.path.join(o, "summary.json")))
