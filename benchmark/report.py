@@ -359,6 +359,7 @@ TABLE_COLUMNS = [
     ("DPO win rate", lambda r, s: win_rates(r, s)["DPO"]),
     ("DPO reward accuracy", lambda r, s: values(r, "dpo", s, "val_reward_accuracy")),
     ("PPO vs SFT head-to-head", lambda r, s: win_rates(r, s)["PPO vs SFT"]),
+    ("DPO vs SFT head-to-head", lambda r, s: win_rates(r, s)["DPO vs SFT"]),
     ("SFT gold score", lambda r, s: values(r, "sft", s, "eval_gold_score")),
     ("PPO gold score", lambda r, s: values(r, "ppo", s, "eval_gold_score")),
     ("DPO gold score", lambda r, s: values(r, "dpo", s, "eval_gold_score")),
