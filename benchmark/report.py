@@ -410,7 +410,7 @@ def write_table(path: str, table: str, args: Args) -> None:
     settings = read_json(os.path.join(args.sweep_dir, "sweep_args.json"))
     block = f"{START}\n{table}\n\nMean ± std over seeds ({args.title}).\n"
     if settings:
-        skip = {"sizes", "seeds", "out_dir", "dry_run", "jobs", "claim", "order", "slurm", "slurm_time", "slurm_partition",
+        skip = {"sizes", "seeds", "stages", "out_dir", "dry_run", "jobs", "claim", "order", "slurm", "slurm_time", "slurm_partition",
                 "slurm_extra", "dataset_dir", "task_dir"}
         if settings.get("mode") == "embedded":
             skip |= {"accelerate_config", "num_processes", "judge_max_samples"}
