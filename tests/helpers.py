@@ -16,3 +16,19 @@ def tiny_model(tokenizer, dropout=0.0, path=None, seed=0):
         model.save_pretrained(path)
         tokenizer.save_pretrained(path)
     return model
+
+
+WORDS = "alpha beta gamma delta echo foxtrot golf hotel india juliet kilo lima".split()
+
+
+def write_sft_rows(raw_dir, counts):
+    """Raw TL;DR SFT rows (id, subreddit, title, post, summary) as `{split}.jsonl` files, `counts` = {split: n}."""
+    import json
+
+    raw_dir.mkdir()
+    for split, n in counts.items():
+        with open(raw_dir / f"{split}.jsonl", "w") as f:
+            for i in range(n):
+                w = WORDS[i % len(WORDS)]
+                f.write(json.dumps(dict(id=f"{split}{i}", subreddit="test", title=f"about {w}",
+                                        post=f"I keep thinking about {w}.\nIt is {w} all day.", summary=f"{w} all day")) + "\n")

@@ -14,7 +14,7 @@ import torch
 
 import dpo
 import tldr_dataset as td
-from helpers import tiny_model
+from helpers import WORDS, tiny_model, write_sft_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -207,15 +207,9 @@ def test_presets_flags_and_bad_input():
 @pytest.fixture(scope="module")
 def tiny_run_inputs(tmp_path_factory, gpt2_tokenizer_dir, tok):
     root = tmp_path_factory.mktemp("dpo_e2e")
-    words = "alpha beta gamma delta echo foxtrot golf hotel india juliet kilo lima".split()
+    words = WORDS
     raw = root / "raw"
-    raw.mkdir()
-    for split, n in (("train", 8), ("validation", 8), ("test", 4)):
-        with open(raw / f"{split}.jsonl", "w") as f:
-            for i in range(n):
-                w = words[i % len(words)]
-                f.write(json.dumps(dict(id=f"{split}{i}", subreddit="test", title=f"about {w}",
-                                        post=f"I keep thinking about {w}.\nIt is {w} all day.", summary=f"{w} all day")) + "\n")
+    write_sft_rows(raw, {"train": 8, "validation": 8, "test": 4})
     cmp = root / "cmp"
     cmp.mkdir()
     for split, n in (("train", 64), ("validation", 16)):

@@ -10,7 +10,7 @@ import torch
 
 import sft
 import tldr_dataset as td
-from helpers import tiny_model
+from helpers import tiny_model, write_sft_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -138,14 +138,7 @@ def tiny_run_inputs(tmp_path_factory, gpt2_tokenizer_dir, tok):
     """A tiny real-path data set (raw rows -> tldr_dataset.build) and a tiny base model."""
     root = tmp_path_factory.mktemp("sft_e2e")
     raw = root / "raw"
-    raw.mkdir()
-    words = "alpha beta gamma delta echo foxtrot golf hotel india juliet kilo lima".split()
-    for split, n in (("train", 64), ("validation", 16), ("test", 8)):
-        with open(raw / f"{split}.jsonl", "w") as f:
-            for i in range(n):
-                w = words[i % len(words)]
-                f.write(json.dumps(dict(id=f"{split}{i}", subreddit="test", title=f"about {w}",
-                                        post=f"I keep thinking about {w}.\nIt is {w} all day.", summary=f"{w} all day")) + "\n")
+    write_sft_rows(raw, {"train": 64, "validation": 16, "test": 8})
     cmp = root / "cmp"
     cmp.mkdir()
     for split in ("train", "validation"):
