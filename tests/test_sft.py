@@ -156,7 +156,7 @@ def run_sft(data, model_dir, out, *extra):
     cmd = [sys.executable, os.path.join(ROOT, "sft.py"), "--preset", "embedded", "--base_model", str(model_dir),
            "--dataset_path", str(data), "--output_dir", str(out), "--gold_task_dir", "None", "--total_batch_size", "8",
            "--per_device_batch_size", "4", "--num_eval_samples", "8", "--eval_batch_size", "8", "--response_length", "6",
-           "--eval_every", "4", "--save_every", "4", "--lr", "3e-3", *extra]
+           "--eval_every", "4", "--save_every", "4", "--lr", "3e-3", "--num_epochs", "1", *extra]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return json.load(open(out / "metrics.json"))
