@@ -718,6 +718,18 @@ def score_against_record(rec: dict, summary: str, w: JudgeWeights = JudgeWeights
     return score
 
 
+def fact_outcomes(rec: dict, summary: str) -> Dict[str, str]:
+    """Per salient fact of `rec`: "right" (its value is stated), "wrong" (only other values are) or "missing"."""
+    f = extract_facts(_split_summary(summary))
+    out = {}
+    for slot in ("other", "event", "feeling", "question"):
+        out[slot] = "right" if rec[slot] in f[slot] else ("wrong" if f[slot] else "missing")
+    out["duration"] = "right" if rec["duration"] in f["durations"] else ("wrong" if f["durations"] else "missing")
+    me, them = (rec["narrator_age"], rec["narrator_gender"]), (rec["other_age"], rec["other_gender"])
+    out["narrator"] = "right" if me in f["ages"] else ("wrong" if set(f["ages"]) - {them} else "missing")
+    return {k: out[k] for k in SALIENT}
+
+
 def post_from_query(query_or_post: str) -> Tuple[Optional[str], str]:
     """(title or None, post text) from a Detail-1 query (text between "POST: " and "\\n\\nTL;DR:") or a raw post."""
     q = query_or_post
@@ -773,6 +785,13 @@ class GoldJudge:
         s, d = score_against_record(self.record(query_or_post), summary, self.weights, details=True)
         d["score"] = s
         return d
+
+    def fact_rates(self, queries: Sequence[str], summaries: Sequence[str]) -> Dict[str, Dict[str, float]]:
+        """{fact: {"right": share, "wrong": share, "missing": share}} over the summaries (see `fact_outcomes`)."""
+        if len(queries) != len(summaries) or not queries:
+            raise ValueError("fact_rates: queries and summaries must be non-empty and of the same length")
+        outs = [fact_outcomes(self.record(q), s) for q, s in zip(queries, summaries)]
+        return {k: {o: sum(x[k] == o for x in outs) / len(outs) for o in ("right", "wrong", "missing")} for k in SALIENT}
 
     def compare(self, query: str, summary_a: str, summary_b: str) -> float:
         rec = self.record(query)

@@ -54,6 +54,17 @@ def read(path: str) -> dict:
     return json.load(open(path)) if os.path.exists(path) else {}
 
 
+def fact_rates(task: str, run_dir: str) -> dict:
+    """Per-fact right / wrong / missing shares of a run's evaluation samples under the gold judge ({} if absent)."""
+    path = os.path.join(run_dir, "eval_samples.jsonl")
+    if not (os.path.exists(path) and os.path.exists(os.path.join(task, "gold", "records.jsonl"))):
+        return {}
+    from embedded_task import GoldJudge
+
+    rows = [json.loads(line) for line in open(path)]
+    return GoldJudge.from_dir(task).fact_rates([r["query"] for r in rows], [r["response"] for r in rows])
+
+
 def main(args: Args):
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = set(stages) - set(STAGES)
@@ -106,6 +117,12 @@ def main(args: Args):
         "dpo_gold_win_rate": d.get("gold_win_rate"), "dpo_val_reward_accuracy": d.get("val_reward_accuracy"),
     }
     summary.update({k: v for k, v in pick.items() if v is not None})
+    # which facts the summaries get right, invent wrongly or leave out (the gold judge's view of grounding)
+    facts = {name: fact_rates(task, run) for name, run in (("sft", sft), ("ppo", ppo), ("dpo", dpo))}
+    for name, rates in facts.items():
+        if rates:
+            for outcome in ("right", "wrong"):
+                summary[f"{name}_facts_{outcome}"] = sum(r[outcome] for r in rates.values()) / len(rates)
     # the judge's headline statistics (its per-length-bin figures stay in judge/metrics.json)
     summary.update({f"judge_{k}": v for k, v in j.items() if isinstance(v, (int, float)) and "len_bin" not in k})
     summary.update(seconds)
@@ -130,6 +147,17 @@ def main(args: Args):
     if "dpo_gold_win_rate" in summary:
         table.add_row("DPO", fmt(summary["dpo_gold_win_rate"]), fmt(summary.get("dpo_gold_score")), f"implicit reward accuracy {fmt(summary.get('dpo_val_reward_accuracy'))}")
     console.print(table)
+    if any(facts.values()):
+        ft = Table(title="Facts of the post in the evaluation summaries (share right / share wrong, i.e. invented)")
+        names = [n for n in ("sft", "ppo", "dpo") if facts[n]]
+        ft.add_column("fact")
+        for n in names:
+            ft.add_column(f"{n.upper()} right")
+            ft.add_column(f"{n.upper()} wrong")
+        for slot in facts[names[0]]:
+            ft.add_row(slot, *[f"{facts[n][slot][o]:.2f}" for n in names for o in ("right", "wrong")])
+        ft.add_row("mean", *[f"{summary[f'{n}_facts_{o}']:.2f}" for n in names for o in ("right", "wrong")])
+        console.print(ft)
     console.print(f"wall time {summary['wall_seconds']:.0f} s")
     print(os.path.abspath(os.path.join(o, "summary.json")))
 

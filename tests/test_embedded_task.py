@@ -142,6 +142,26 @@ def test_judge_api(data, judge):
         judge.score("SUBREDDIT: r/x\n\nTITLE: y\n\nPOST: nothing like this\n\nTL;DR:", "x")
 
 
+def test_fact_outcomes_and_rates(data, judge):
+    """Per-fact diagnosis: every fact right in a complete summary, a contradicted one wrong, a dropped one missing."""
+    rec = data["records"][3]
+    q = _query(rec)
+    good = et.compose_summary(rec, et._rng(0, "t"), concise=True)
+    assert et.fact_outcomes(rec, good) == {k: "right" for k in et.SALIENT}
+    bad_rec = et.wrong_record(rec, et._rng(5, "w"))
+    changed = [k for k in ("other", "duration", "event", "feeling", "question") if bad_rec[k] != rec[k]]
+    changed += ["narrator"] if bad_rec["narrator_age"] != rec["narrator_age"] else []
+    assert len(changed) == 1
+    out = et.fact_outcomes(rec, et.compose_summary(bad_rec, et._rng(0, "t"), concise=True))
+    assert out[changed[0]] == "wrong" and sum(v == "right" for v in out.values()) == 5
+    dropped = et.fact_outcomes(rec, et.compose_summary(rec, et._rng(0, "t"), drop=["feeling", "question"]))
+    assert dropped["feeling"] == dropped["question"] == "missing" and dropped["event"] == "right"
+    rates = judge.fact_rates([q, q], [good, "nothing"])
+    assert rates["event"] == {"right": 0.5, "wrong": 0.0, "missing": 0.5}
+    with pytest.raises(ValueError, match="same length"):
+        judge.fact_rates([q], [])
+
+
 def test_judge_is_fast(data, judge):
     import time
     rows = data["sft_train"][:300]
