@@ -304,6 +304,22 @@ def get_reward(model: nn.Module, ids: torch.Tensor, pad_id: int) -> torch.Tensor
     return values[torch.arange(ids.shape[0], device=ids.device), last].float()
 
 
+def own_post_preference(model: nn.Module, queries: torch.Tensor, responses: torch.Tensor, pad_id: int,
+                        batch_size: int) -> float:
+    """Share of summaries scored higher after their own post than after the previous row's post (ties count half).
+    A reward model that ignores the post sits at 0.5: a cheap check that it compares summary and post at all.
+    `queries` are left-padded to one width, `responses` right-padded to one width."""
+    others = torch.roll(queries, 1, dims=0)
+    own, swapped = [], []
+    with torch.no_grad():
+        for i in range(0, queries.shape[0], batch_size):
+            r = responses[i:i + batch_size]
+            own.append(get_reward(model, trim_padding(torch.cat([queries[i:i + batch_size], r], 1), pad_id), pad_id))
+            swapped.append(get_reward(model, trim_padding(torch.cat([others[i:i + batch_size], r], 1), pad_id), pad_id))
+    own, swapped = torch.cat(own), torch.cat(swapped)
+    return float(((own > swapped).float() + 0.5 * (own == swapped).float()).mean())
+
+
 def trim_padding(ids: torch.Tensor, pad_id: int) -> torch.Tensor:
     """Drop the columns that are pad in every row (both ends), a pure speed-up: rewards do not change."""
     keep = (ids != pad_id).any(0).nonzero()
@@ -803,6 +819,9 @@ def gold_metrics(args: Args, rm: ScalarModel, tokenizer, val_ds: Optional[Datase
     ref_gold = np.array([judge.score(q, s) for q, s in zip(sv["query"], sv["reference_response"])])
     out["gold_corr_reference_pearson"] = pearson(ref_rm, ref_gold)
     out["gold_corr_reference_spearman"] = spearman(ref_rm, ref_gold)
+    out["reference_own_post_preferred"] = own_post_preference(
+        rm, torch.tensor(sv["query_token"], device=device), torch.tensor(sv["reference_response_token"], device=device),
+        pad_id, args.per_device_eval_batch_size)
     # correlation on SFT near-greedy samples (Detail 13)
     policy = AutoModelForCausalLM.from_pretrained(args.sft_model_path).to(device)
     maybe_resize(policy, tokenizer)
@@ -811,7 +830,7 @@ def gold_metrics(args: Args, rm: ScalarModel, tokenizer, val_ds: Optional[Datase
     torch.manual_seed(args.seed + accelerator.process_index * 100003)  # Detail 10: sampling seed per process
     resp_len = int(meta.get("sft_response_length", 53))
     eos_id = tokenizer.eos_token_id
-    sample_rm, sample_gold, lengths = [], [], []
+    sample_rm, sample_gold, lengths, sample_queries, sample_responses = [], [], [], [], []
     task = progress.add_task("gold: SFT samples", total=n)
     for i in range(0, n, args.gen_batch_size):
         rows = sv[i:i + args.gen_batch_size]
@@ -819,6 +838,7 @@ def gold_metrics(args: Args, rm: ScalarModel, tokenizer, val_ds: Optional[Datase
         with torch.no_grad(), accelerator.autocast():
             responses = generate_greedy(policy, queries, pad_id, resp_len, args.gen_temperature)
         responses = truncate_after_eos(responses, eos_id, pad_id)  # Detail 21
+        sample_queries.append(queries), sample_responses.append(responses)
         with torch.no_grad(), accelerator.autocast():
             # left-padded query + right-padded response: Details 11 and 15 make the padding harmless
             sample_rm.append(get_reward(rm, torch.cat([queries, responses], 1), pad_id).cpu())
@@ -832,6 +852,8 @@ def gold_metrics(args: Args, rm: ScalarModel, tokenizer, val_ds: Optional[Datase
     sample_gold = np.array(sample_gold)
     out["gold_corr_sft_pearson"] = pearson(sample_rm, sample_gold)
     out["gold_corr_sft_spearman"] = spearman(sample_rm, sample_gold)
+    out["sft_sample_own_post_preferred"] = own_post_preference(
+        rm, torch.cat(sample_queries), torch.cat(sample_responses), pad_id, args.per_device_eval_batch_size)
     out["gold_num_sft_samples"] = int(n)
     out["sft_sample_mean_reward"] = float(sample_rm.mean())
     out["sft_sample_mean_token_len"] = float(np.mean(lengths))

@@ -459,3 +459,25 @@ def test_detail16_detail10_accelerate_two_processes_see_every_pair_once(fake_run
     assert len(allseen) == len(set(allseen)) == 96  # 96 pairs = 3 updates of 32: every pair exactly once
     metrics = json.load(open(out / "metrics.json"))
     assert metrics["world_size"] == 2 and metrics["gradient_accumulation_steps"] == 2 and metrics["num_updates"] == 3
+
+
+def test_own_post_preference_separates_readers_from_ignorers():
+    """own_post_preference: 1.0 for a model that checks the summary against the post, 0.5 for one that ignores it."""
+    pad = 99
+
+    class Stub(torch.nn.Module):
+        def __init__(self, reads_post):
+            super().__init__()
+            self.reads_post = reads_post
+
+        def forward(self, input_ids, attention_mask, position_ids):
+            first = input_ids.gather(1, attention_mask.argmax(1, keepdim=True))  # first real token = the post's
+            last = input_ids.gather(1, (attention_mask.cumsum(1).argmax(1, keepdim=True)))  # last real token
+            value = (first == last).float() if self.reads_post else last.float()
+            return value.expand(-1, input_ids.shape[1])
+
+    # post i starts with token 10 + i; its summary ends with the same token (right-padded to one width)
+    queries = torch.tensor([[pad] * (i % 2) + [10 + i, 5, 6] + [5] * (1 - i % 2) for i in range(6)])
+    responses = torch.tensor([[7, 10 + i] + [pad] * (i % 2) if i % 2 else [7, 8, 10 + i] for i in range(6)])
+    assert reward.own_post_preference(Stub(True), queries, responses, pad, batch_size=4) == 1.0
+    assert reward.own_post_preference(Stub(False), queries, responses, pad, batch_size=4) == 0.5
