@@ -567,15 +567,25 @@ def test_detail10_two_processes_gloo(task, tmp_path):
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
                 str(29500 + os.getpid() % 1000)]
     # 2 processes x micro-batch 4 x 2 minibatches x 2 accumulation steps = 32 episodes per update
-    run(ppo_cmd(task, tmp_path, "--total_episodes", "96", "--batch_size", "32", launcher=launcher), timeout=300)
-    recs = read_jsonl(tmp_path / "metrics.jsonl")
+    out = tmp_path / "run"
+    try:
+        run(ppo_cmd(task, out, "--total_episodes", "96", "--batch_size", "32", launcher=launcher), timeout=300)
+    except AssertionError as e:
+        # Seen once in ~10 CI runs, not reproduced in 6 local repeats: one rank aborts in C++ teardown after the run
+        # has finished and written everything ("terminate called without an active exception"). That one signature
+        # gets a single fresh rerun, and the assertions below judge the rerun; any other failure fails the test.
+        if "terminate called without an active exception" not in str(e):
+            raise
+        out = tmp_path / "rerun"
+        run(ppo_cmd(task, out, "--total_episodes", "96", "--batch_size", "32", launcher=launcher), timeout=300)
+    recs = read_jsonl(out / "metrics.jsonl")
     assert [r["update"] for r in recs] == [1, 2, 3]
-    ckpt = tmp_path / "checkpoints" / "update_000002"
+    ckpt = out / "checkpoints" / "update_000002"
     states = [torch.load(ckpt / f"random_states_{r}.pkl", weights_only=False) for r in (0, 1)]
     assert not torch.equal(states[0]["torch_manual_seed"], states[1]["torch_manual_seed"])
     assert recs[0]["objective/kl"] == 0.0
-    args = json.load(open(tmp_path / "args.json"))
+    args = json.load(open(out / "args.json"))
     assert args["num_processes"] == 2 and args["gradient_accumulation_steps"] == 2
-    assert len(read_jsonl(tmp_path / "eval_samples.jsonl")) == 8
-    final = json.load(open(tmp_path / "metrics.json"))
+    assert len(read_jsonl(out / "eval_samples.jsonl")) == 8
+    final = json.load(open(out / "metrics.json"))
     assert math.isfinite(final["final_kl"])
