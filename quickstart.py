@@ -54,15 +54,13 @@ def read(path: str) -> dict:
     return json.load(open(path)) if os.path.exists(path) else {}
 
 
-def fact_rates(task: str, run_dir: str) -> dict:
+def fact_rates(judge, run_dir: str) -> dict:
     """Per-fact right / wrong / missing shares of a run's evaluation samples under the gold judge ({} if absent)."""
     path = os.path.join(run_dir, "eval_samples.jsonl")
-    if not (os.path.exists(path) and os.path.exists(os.path.join(task, "gold", "records.jsonl"))):
+    if judge is None or not os.path.exists(path):
         return {}
-    from embedded_task import GoldJudge
-
     rows = [json.loads(line) for line in open(path)]
-    return GoldJudge.from_dir(task).fact_rates([r["query"] for r in rows], [r["response"] for r in rows])
+    return judge.fact_rates([r["query"] for r in rows], [r["response"] for r in rows])
 
 
 def main(args: Args):
@@ -118,7 +116,12 @@ def main(args: Args):
     }
     summary.update({k: v for k, v in pick.items() if v is not None})
     # which facts the summaries get right, invent wrongly or leave out (the gold judge's view of grounding)
-    facts = {name: fact_rates(task, run) for name, run in (("sft", sft), ("ppo", ppo), ("dpo", dpo))}
+    judge = None
+    if os.path.exists(os.path.join(task, "gold", "records.jsonl")):
+        from embedded_task import GoldJudge
+
+        judge = GoldJudge.from_dir(task)
+    facts = {name: fact_rates(judge, run) for name, run in (("sft", sft), ("ppo", ppo), ("dpo", dpo))}
     for name, rates in facts.items():
         if rates:
             for outcome in ("right", "wrong"):

@@ -481,3 +481,6 @@ def test_own_post_preference_separates_readers_from_ignorers():
     responses = torch.tensor([[7, 10 + i] + [pad] * (i % 2) if i % 2 else [7, 8, 10 + i] for i in range(6)])
     assert reward.own_post_preference(Stub(True), queries, responses, pad, batch_size=4) == 1.0
     assert reward.own_post_preference(Stub(False), queries, responses, pad, batch_size=4) == 0.5
+    # the caller's own rewards replace the own-post scoring; a wrong `own` changes the answer
+    assert reward.own_post_preference(Stub(True), queries, responses, pad, batch_size=4, own=torch.ones(6)) == 1.0
+    assert reward.own_post_preference(Stub(True), queries, responses, pad, batch_size=4, own=torch.zeros(6)) == 0.5
