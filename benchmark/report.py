@@ -281,41 +281,42 @@ def make_figures(runs, args: Args) -> List[str]:
     fig.suptitle(args.title, fontsize=9)
     save(fig, "win_rate_vs_size")
 
+    def length_panels(centers, series, xlabel: str, ylabel: str, name: str, title: str, half_line: bool):
+        """One panel per size; series(size) yields (label, per-bin values across seeds)."""
+        fig, axes = plt.subplots(1, max(1, len(sizes)), figsize=(4 * max(1, len(sizes)), 3.6), sharey=True,
+                                 squeeze=False)
+        for ax, s in zip(axes[0], sizes):
+            lines = series(s)
+            for label, per_bin in lines:
+                errbar(ax, centers, per_bin, label)
+            if half_line:
+                ax.axhline(0.5, color="gray", ls="--", lw=1)
+            ax.set_title(f"size {s}")
+            ax.set_xlabel(xlabel)
+            if lines:
+                ax.legend(fontsize=8)
+        axes[0][0].set_ylabel(ylabel)
+        fig.suptitle(f"{title} - {args.title}", fontsize=9)
+        save(fig, name)
+
     # 3. win rate by summary length (Detail 34), SFT vs PPO per size
     rng = length_range(runs)
-    fig, axes = plt.subplots(1, max(1, len(sizes)), figsize=(4 * max(1, len(sizes)), 3.6), sharey=True, squeeze=False)
-    if rng:
-        edges = np.linspace(rng[0], rng[1], args.len_bins + 1)
-        centers = 0.5 * (edges[1:] + edges[:-1])
-        for ax, s in zip(axes[0], sizes):
-            for stage, prefix, label in (("judge_ppo", "compare_", "SFT"), ("judge_ppo", "", "PPO"), ("judge_dpo", "", "DPO")):
-                judge_runs = runs.get(stage, {}).get(s, {})
-                if judge_runs:
-                    errbar(ax, centers, pooled_length_bins(judge_runs, prefix, edges), label)
-            ax.axhline(0.5, color="gray", ls="--", lw=1)
-            ax.set_title(f"size {s}")
-            ax.set_xlabel("log(len(summary) / len(reference))")
-            ax.legend(fontsize=8)
-        axes[0][0].set_ylabel("win rate vs reference")
-    fig.suptitle(f"win rate by summary length - {args.title}", fontsize=9)
-    save(fig, "win_rate_by_length")
+    edges = np.linspace(rng[0], rng[1], args.len_bins + 1) if rng else np.zeros(1)
+    judged = (("judge_ppo", "compare_", "SFT"), ("judge_ppo", "", "PPO"), ("judge_dpo", "", "DPO"))
+    length_panels(0.5 * (edges[1:] + edges[:-1]),
+                  lambda s: [(label, pooled_length_bins(runs[st][s], prefix, edges)) for st, prefix, label in judged
+                             if rng and runs.get(st, {}).get(s)],
+                  "log(len(summary) / len(reference))", "win rate vs reference", "win_rate_by_length",
+                  "win rate by summary length", half_line=True)
 
     # 3b. mean gold score by summary length (tokens), from the eval samples (embedded task)
     if any(r.get("samples") for st in ("sft", "ppo", "dpo") for by in runs.get(st, {}).values() for r in by.values()):
         edges = np.array(GOLD_LEN_EDGES, dtype=float)
-        centers = 0.5 * (edges[1:] + edges[:-1])
-        fig, axes = plt.subplots(1, max(1, len(sizes)), figsize=(4 * max(1, len(sizes)), 3.6), sharey=True, squeeze=False)
-        for ax, s in zip(axes[0], sizes):
-            for st, label in (("sft", "SFT"), ("ppo", "PPO"), ("dpo", "DPO")):
-                by_seed = runs.get(st, {}).get(s, {})
-                if by_seed:
-                    errbar(ax, centers, gold_by_length(by_seed, edges), label)
-            ax.set_title(f"size {s}")
-            ax.set_xlabel("summary length (tokens)")
-            ax.legend(fontsize=8)
-        axes[0][0].set_ylabel("mean gold-judge score")
-        fig.suptitle(f"gold score by summary length - {args.title}", fontsize=9)
-        save(fig, "gold_score_by_length")
+        length_panels(0.5 * (edges[1:] + edges[:-1]),
+                      lambda s: [(label, gold_by_length(runs[st][s], edges)) for st, label in
+                                 (("sft", "SFT"), ("ppo", "PPO"), ("dpo", "DPO")) if runs.get(st, {}).get(s)],
+                      "summary length (tokens)", "mean gold-judge score", "gold_score_by_length",
+                      "gold score by summary length", half_line=False)
 
     # 4. PPO training curves
     keys = [("objective/scores", "RM score (after EOS penalty)"), ("objective/kl", "KL(policy || SFT)"),
