@@ -517,6 +517,53 @@ def wrong_record(rec: dict, rng: random.Random) -> dict:
     return r
 
 
+HARD_DETAILS = ("narrator_age", "duration", "feeling")  # the details the small SFT policies get wrong most often
+
+
+def near_miss(rec: dict, detail: str, rng: random.Random):
+    """A wrong but plausible value of one hard detail, the kind a small model writes instead: an age a few years off
+    (a 23M for a 27M), a neighbouring duration of the lexicon (8 months for 1 year), another feeling. Only values
+    the task itself uses, so a reward model cannot spot the wrong one by its form or rarity."""
+    if detail == "narrator_age":
+        n = rec["narrator_age"]
+        return rng.choice([a for a in range(max(18, n - 6), min(39, n + 6) + 1) if a not in (n, rec["other_age"])])
+    if detail == "duration":
+        i = DURATIONS_MONTHS.index(rec["duration"])
+        return rng.choice([m for m in DURATIONS_MONTHS[max(0, i - 2): i + 3] if m != rec["duration"]])
+    if detail == "feeling":
+        return rng.choice([f for f in FEELINGS if f != rec["feeling"]])
+    raise ValueError(f"near_miss: unknown detail {detail!r}; choose from {HARD_DETAILS}")
+
+
+def set_detail(parts: Dict[str, str], detail: str, value, rng: random.Random) -> Dict[str, str]:
+    """Summary parts (`_summary_parts`) that state one hard detail as `value`; every other word is unchanged."""
+    p = dict(parts)
+    if detail == "narrator_age":
+        p["narrator"] = re.sub(r"^\d+", str(value), p["narrator"])
+    elif detail == "duration":
+        d = duration_text(value, rng)
+        p["other_dur"], p["duration"] = p["other_dur"].replace(p["duration"], d, 1), d
+    elif detail == "feeling":
+        words = sorted((w for ws in FEELINGS.values() for w in ws), key=len, reverse=True)
+        p["feeling"] = re.sub(r"\b(" + "|".join(map(re.escape, words)) + r")\b", rng.choice(FEELINGS[value]),
+                              p["feeling"], count=1)
+    else:
+        raise ValueError(f"set_detail: unknown detail {detail!r}; choose from {HARD_DETAILS}")
+    return p
+
+
+def near_miss_pair(rec: dict, detail: str, rng: random.Random) -> Tuple[str, str]:
+    """(right, wrong): a complete summary of `rec` and the same words with `detail` stated as a near miss. Both
+    sides draw the detail's surface form the same way, so only its value tells them apart. A reward model that
+    prefers `right` checks that detail against the post (the diagnostic `reward.py` reports as
+    gold_near_miss_accuracy)."""
+    seed = rng.random()
+    parts = _summary_parts(rec, random.Random(seed))
+    right = set_detail(parts, detail, rec[detail], rng)
+    wrong = set_detail(parts, detail, near_miss(rec, detail, rng), rng)
+    return tuple(compose_summary(rec, random.Random(seed), parts=x, concise=True) for x in (right, wrong))
+
+
 POLICY_WEIGHTS = {  # the mix of "policies" whose summaries are compared
     "ref": 0.26, "concise_all_facts": 0.10, "ref_missing_fact": 0.13, "ref_wrong_fact": 0.10,
     "ref_padded_irrelevant": 0.10, "ref_truncated": 0.08, "ref_repetitive": 0.06, "other_post_ref": 0.06,

@@ -110,6 +110,7 @@ def main(args: Args):
         "base_gold_score": s.get("base_gold_score"), "sft_gold_score": s.get("sft_gold_score"),
         "ppo_gold_score": p.get("gold_score"), "dpo_gold_score": d.get("dpo_gold_score"),
         "rm_val_accuracy": r.get("val_accuracy"), "rm_gold_agreement": r.get("gold_agreement"),
+        "rm_gold_corr_sft_samples": r.get("gold_corr_sft_pearson"), "rm_near_miss_accuracy": r.get("gold_near_miss_accuracy"),
         "ppo_gold_win_rate": p.get("gold_win_rate"), "ppo_final_kl": p.get("final_kl"),
         "ppo_final_score": p.get("final_score"), "ppo_episodes_per_second": p.get("episodes_per_second"),
         "dpo_gold_win_rate": d.get("gold_win_rate"), "dpo_val_reward_accuracy": d.get("val_reward_accuracy"),

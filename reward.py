@@ -28,6 +28,7 @@ counted, reported with a warning and skipped (`--identical_pairs error` makes th
 import json
 import math
 import os
+import random
 import resource
 import sys
 import time
@@ -788,6 +789,33 @@ def main(args: Args) -> Dict[str, float]:
     return metrics
 
 
+def near_miss_accuracy(rm: nn.Module, judge, queries: List[str], query_tokens: torch.Tensor, tokenizer, pad_id: int,
+                       batch_size: int, seed: int) -> Dict[str, float]:
+    """Embedded task: for every post and each detail that small policies get wrong (narrator age, duration,
+    feeling), the share of minimal pairs -- a complete summary vs the same words with that detail a plausible
+    near miss (`embedded_task.near_miss_pair`) -- in which the RM scores the right one higher. 0.5 means the RM
+    does not check that detail against the post, so PPO cannot learn to get it right from this RM."""
+    from embedded_task import HARD_DETAILS, near_miss_pair
+
+    rng = random.Random(seed)
+    out: Dict[str, float] = {}
+    eos = tokenizer.eos_token
+    for detail in HARD_DETAILS:
+        wins = []
+        for i in range(0, len(queries), batch_size):
+            pairs = [near_miss_pair(judge.record(q), detail, rng) for q in queries[i:i + batch_size]]
+            texts = [" " + t + eos for pair in pairs for t in pair]  # Detail 4: the summary starts with a space
+            resp = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")["input_ids"]
+            resp = resp.masked_fill(resp == tokenizer.pad_token_id, pad_id).to(query_tokens.device)
+            q = query_tokens[i:i + batch_size].repeat_interleave(2, dim=0)
+            with torch.no_grad():
+                r = get_reward(rm, torch.cat([q, resp], 1), pad_id).view(-1, 2)  # left-padded query, right-padded summary
+            wins.append((r[:, 0] > r[:, 1]).float().cpu())
+        out[f"gold_near_miss_accuracy/{detail}"] = float(torch.cat(wins).mean())
+    out["gold_near_miss_accuracy"] = float(np.mean([out[f"gold_near_miss_accuracy/{d}"] for d in HARD_DETAILS]))
+    return out
+
+
 def gold_metrics(args: Args, rm: ScalarModel, tokenizer, val_ds: Optional[Dataset], val_scores, sft_ds, meta: dict,
                  pad_id: int, accelerator: Accelerator, console: Console, progress: Progress) -> Dict[str, float]:
     from embedded_task import GoldJudge  # the hidden evaluator of the offline task (lazy import, by design)
@@ -827,6 +855,8 @@ def gold_metrics(args: Args, rm: ScalarModel, tokenizer, val_ds: Optional[Datase
         out["reference_own_post_preferred"] = own_post_preference(
             rm, torch.tensor(sv["query_token"], device=device), torch.tensor(sv["reference_response_token"], device=device),
             pad_id, args.per_device_eval_batch_size)
+        out.update(near_miss_accuracy(rm, judge, sv["query"], torch.tensor(sv["query_token"], device=device), tokenizer,
+                                      pad_id, args.per_device_eval_batch_size, args.seed))
     # correlation on SFT near-greedy samples (Detail 13)
     policy = AutoModelForCausalLM.from_pretrained(args.sft_model_path).to(device)
     maybe_resize(policy, tokenizer)

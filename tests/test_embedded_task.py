@@ -255,3 +255,29 @@ def test_pretraining_reduces_loss_and_is_deterministic(tmp_path):
     b = et.pretrain("s", tok, texts, str(tmp_path / "b"), **kw)
     assert a["val_loss"] < a["val_loss_init"] - 0.5
     assert a["val_loss"] == b["val_loss"] and a["final_train_loss"] == b["final_train_loss"]
+
+
+def test_near_miss_pairs_differ_in_that_detail_only(data):
+    """The RM diagnostic's minimal pairs: the right side states every fact right, the wrong side differs in exactly
+    the one hard detail (a plausible near miss), and the gold judge prefers the right side."""
+    for i, rec in enumerate(data["records"][:150]):
+        detail = et.HARD_DETAILS[i % 3]
+        right, wrong = et.near_miss_pair(rec, detail, et._rng(3, "pair", i))
+        o_right, o_wrong = et.fact_outcomes(rec, right), et.fact_outcomes(rec, wrong)
+        assert all(v == "right" for v in o_right.values()), right
+        slot = {"narrator_age": "narrator", "duration": "duration", "feeling": "feeling"}[detail]
+        assert [k for k in et.SALIENT if o_right[k] != o_wrong[k]] == [slot] and o_wrong[slot] == "wrong", (right, wrong)
+        if detail == "narrator_age":  # the same words but the number
+            assert [w for w in right.split() if not w[:2].isdigit()] == [w for w in wrong.split() if not w[:2].isdigit()]
+        assert et.score_against_record(rec, right) > et.score_against_record(rec, wrong) + 2.0
+
+
+def test_near_misses_are_plausible_values(data):
+    for i, rec in enumerate(data["records"][:100]):
+        rng = et._rng(4, "near", i)
+        age = et.near_miss(rec, "narrator_age", rng)
+        assert 18 <= age <= 39 and 0 < abs(age - rec["narrator_age"]) <= 6 and age != rec["other_age"]
+        assert et.near_miss(rec, "duration", rng) in set(et.DURATIONS_MONTHS) - {rec["duration"]}
+        assert et.near_miss(rec, "feeling", rng) in set(et.FEELINGS) - {rec["feeling"]}
+    with pytest.raises(ValueError, match="unknown detail 'event'"):
+        et.near_miss(data["records"][0], "event", et._rng(0))

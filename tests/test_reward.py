@@ -397,14 +397,21 @@ def test_end_to_end_in_process_with_fake_gold_judge(fake_run, tmp_path, monkeypa
             sa, sb = self.score(query, a), self.score(query, b)
             return 0.5 if sa == sb else float(sa > sb)
 
-    monkeypatch.setitem(sys.modules, "embedded_task", types.SimpleNamespace(GoldJudge=FakeJudge))
+        def record(self, query):
+            return {}
+
+    # the near-miss pairs of the stand-in task: the judge's "right" summary has more a's
+    monkeypatch.setitem(sys.modules, "embedded_task", types.SimpleNamespace(
+        GoldJudge=FakeJudge, HARD_DETAILS=("x",), near_miss_pair=lambda rec, detail, rng: ("a a a", "b")))
     out = tmp_path / "rm"
     metrics = reward.main(_args(fake_run, out, gold_task_dir=str(tmp_path), lr=1e-3))
     on_disk = json.load(open(out / "metrics.json"))
     for k in ("val_accuracy", "gold_agreement", "val_reward_margin", "reward_mean_before_norm",
               "reward_std_before_norm", "reward_mean_after_norm", "reward_std_after_norm", "val_cnndm_accuracy",
-              "gold_corr_reference_pearson", "gold_corr_sft_spearman", "val_accuracy/confidence_7"):
+              "gold_corr_reference_pearson", "gold_corr_sft_spearman", "val_accuracy/confidence_7",
+              "gold_near_miss_accuracy", "gold_near_miss_accuracy/x"):
         assert k in on_disk, k
+    assert 0.0 <= on_disk["gold_near_miss_accuracy"] <= 1.0
     assert abs(on_disk["reward_mean_after_norm"]) < 1e-4
     assert on_disk["num_updates"] == 96 // 16 and on_disk["train_pairs_seen"] == 96
     assert metrics["val_accuracy"] > 0.8  # the fake preference rule is easy
@@ -484,3 +491,42 @@ def test_own_post_preference_separates_readers_from_ignorers():
     # the caller's own rewards replace the own-post scoring; a wrong `own` changes the answer
     assert reward.own_post_preference(Stub(True), queries, responses, pad, batch_size=4, own=torch.ones(6)) == 1.0
     assert reward.own_post_preference(Stub(True), queries, responses, pad, batch_size=4, own=torch.zeros(6)) == 0.5
+
+
+def test_near_miss_accuracy_separates_checkers_from_constant(tmp_path):
+    """gold_near_miss_accuracy: a stand-in RM that rewards summary tokens copied from the post prefers the right
+    narrator age (the wrong one is a number the post does not contain); a constant RM never wins (ties are losses)."""
+    import embedded_task as et
+
+    data = et.generate_data(et.GenConfig(seed=3, n_sft_train=60, n_sft_val=40, n_sft_test=5, n_cmp_train=10,
+                                         n_cmp_val=5, n_pretrain_posts=50))
+    tok_dir = str(tmp_path / "tok")
+    et.train_tokenizer(data["pretrain_texts"] + [r["summary"] for r in data["sft_train"]], 600, tok_dir)
+    tok = reward.load_tokenizer(tok_dir)
+    pad = tok.pad_token_id
+    judge = et.GoldJudge(data["records"])
+    rows = data["sft_validation"]
+    queries = [et.format_query(r["subreddit"], r["title"], r["post"]) for r in rows]
+    ids = [tok(q, add_special_tokens=False)["input_ids"] for q in queries]
+    width = max(map(len, ids))
+    query_tokens = torch.tensor([[pad] * (width - len(x)) + x for x in ids])  # left-padded like the data sets
+
+    class CopyChecker(torch.nn.Module):
+        def forward(self, input_ids, attention_mask, position_ids):
+            out = torch.zeros(input_ids.shape, dtype=torch.float)
+            for b in range(input_ids.shape[0]):
+                real = input_ids[b][attention_mask[b].bool()].tolist()
+                n_query = int(attention_mask[b, :width].sum())
+                post, summary = set(real[:n_query]), real[n_query:]
+                out[b] = sum(t in post for t in summary) / max(1, len(summary))
+            return out
+
+    class Constant(torch.nn.Module):
+        def forward(self, input_ids, attention_mask, position_ids):
+            return torch.zeros(input_ids.shape)
+
+    checker = reward.near_miss_accuracy(CopyChecker(), judge, queries, query_tokens, tok, pad, batch_size=16, seed=0)
+    assert checker["gold_near_miss_accuracy/narrator_age"] > 0.7
+    constant = reward.near_miss_accuracy(Constant(), judge, queries, query_tokens, tok, pad, batch_size=16, seed=0)
+    assert constant == {"gold_near_miss_accuracy/narrator_age": 0.0, "gold_near_miss_accuracy/duration": 0.0,
+                        "gold_near_miss_accuracy/feeling": 0.0, "gold_near_miss_accuracy": 0.0}
