@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 console = Console()
-STAGES = ("task", "data", "sft", "rm", "ppo", "judge", "dpo")
+STAGES = ("task", "data", "sft", "feedback", "rm", "ppo", "judge", "dpo")
 
 
 @dataclass
@@ -31,22 +31,23 @@ class Args:
     """embedded base model size: s (the whole pipeline in ~12 minutes on 2 CPU cores), m or l (longer)"""
     num_threads: int = 0
     """torch threads for every stage (0: the library default; 1 on a machine busy with other jobs)"""
-    stages: str = "task,data,sft,rm,ppo,judge"
-    """comma-separated subset of task,data,sft,rm,ppo,judge,dpo (dpo is optional: add it to run DPO too)"""
+    stages: str = "task,data,sft,feedback,rm,ppo,judge"
+    """comma-separated subset of task,data,sft,feedback,rm,ppo,judge,dpo (dpo is optional: add it to run DPO too)"""
 
 
-def run(stage: str, cmd: list, log_dir: str, env: dict) -> float:
+def run(stage: str, cmds: list, log_dir: str, env: dict) -> float:
+    """Runs a stage's command(s) in order; output streams to the terminal and to the stage's log file."""
     console.rule(f"[bold]{stage}")
-    console.print(" ".join(cmd), style="dim")
     start = time.time()
-    # Output streams to the terminal (progress bars) and the stage's own log file under the run folder.
     with open(os.path.join(log_dir, f"{stage}.log"), "w") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env)
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            log.write(line)
-        if proc.wait() != 0:
-            raise SystemExit(f"stage {stage!r} failed (exit {proc.returncode}); its log: {log.name}")
+        for cmd in cmds:
+            console.print(" ".join(cmd), style="dim")
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env)
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                log.write(line)
+            if proc.wait() != 0:
+                raise SystemExit(f"stage {stage!r} failed (exit {proc.returncode}); its log: {log.name}")
     return time.time() - start
 
 
@@ -70,6 +71,7 @@ def main(args: Args):
         raise SystemExit(f"--stages: unknown {sorted(unknown)}; choose from {STAGES}")
     o = args.out_dir
     task, data, sft, rm, ppo, dpo = (os.path.join(o, x) for x in ("task", "dataset", "sft", "rm", "ppo", "dpo"))
+    feedback, fdata = os.path.join(o, "feedback"), os.path.join(o, "dataset_feedback")
     os.makedirs(o, exist_ok=True)
     py = sys.executable
     common = ["--seed", str(args.seed)]
@@ -78,10 +80,15 @@ def main(args: Args):
         "data": [py, "tldr_dataset.py", "--source", "embedded", "--task_dir", task, "--out_dir", data],
         "sft": [py, "sft.py", "--preset", "embedded", "--base_model", os.path.join(task, f"base-{args.size}"),
                 "--dataset_path", data, "--output_dir", sft, "--gold_task_dir", task, *common],
-        "rm": [py, "reward.py", "--preset", "embedded", "--sft_model_path", sft, "--dataset_path", data,
+        # a round of rater comparisons on the SFT policy's own samples (collect_feedback.py explains why); the
+        # reward model and PPO read the preference set built from them
+        "feedback": [[py, "collect_feedback.py", "--task_dir", task, "--policy_path", sft, "--out_dir", feedback, *common],
+                     [py, "tldr_dataset.py", "--source", "embedded", "--task_dir", task, "--comparisons_dir", feedback,
+                      "--out_dir", fdata]],
+        "rm": [py, "reward.py", "--preset", "embedded", "--sft_model_path", sft, "--dataset_path", fdata,
                "--output_dir", rm, "--gold_task_dir", task, *common],
         "ppo": [py, "ppo.py", "--preset", "embedded", "--sft_model_path", sft, "--reward_model_path", rm,
-                "--dataset_path", data, "--output_dir", ppo, "--gold_task_dir", task, *common],
+                "--dataset_path", fdata, "--output_dir", ppo, "--gold_task_dir", task, *common],
         "judge": [py, "eval_gpt_judge.py", "--judge", "gold", "--gold_task_dir", task,
                   "--samples", os.path.join(ppo, "eval_samples.jsonl"),
                   "--compare_samples", os.path.join(sft, "eval_samples.jsonl"), "--output_dir", os.path.join(o, "judge")],
@@ -97,13 +104,15 @@ def main(args: Args):
     seconds = {}
     for stage in STAGES:
         if stage in stages:
-            seconds[f"{stage}_seconds"] = round(run(stage, commands[stage], o, env), 1)
+            cmds = commands[stage] if isinstance(commands[stage][0], list) else [commands[stage]]
+            seconds[f"{stage}_seconds"] = round(run(stage, cmds, o, env), 1)
 
     summary = {k: v for k, v in read(os.path.join(o, "summary.json")).items() if "len_bin" not in k}
     meta = read(os.path.join(data, "meta.json"))
     for key, n in meta.get("counts", {}).items():
         summary[f"data_{key.replace('/', '_')}_rows"] = n
     s, r, p, d, j = (read(os.path.join(x, "metrics.json")) for x in (sft, rm, ppo, dpo, os.path.join(o, "judge")))
+    fb = read(os.path.join(feedback, "feedback.json"))
     pick = {
         "sft_val_loss": s.get("val_loss"), "sft_gold_win_rate": s.get("gold_win_rate"),
         "base_gold_win_rate": s.get("base_gold_win_rate"), "sft_rougeL": s.get("sft_rougeL"),
@@ -113,6 +122,7 @@ def main(args: Args):
         "rm_gold_corr_sft_samples": r.get("gold_corr_sft_pearson"), "rm_near_miss_accuracy": r.get("gold_near_miss_accuracy"),
         "ppo_gold_win_rate": p.get("gold_win_rate"), "ppo_final_kl": p.get("final_kl"),
         "ppo_final_score": p.get("final_score"), "ppo_episodes_per_second": p.get("episodes_per_second"),
+        "feedback_train_pairs": fb.get("train", {}).get("n"), "feedback_label_agreement": fb.get("train", {}).get("label_agreement"),
         "dpo_gold_win_rate": d.get("gold_win_rate"), "dpo_val_reward_accuracy": d.get("val_reward_accuracy"),
     }
     summary.update({k: v for k, v in pick.items() if v is not None})

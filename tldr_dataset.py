@@ -29,6 +29,9 @@ class Args:
     source: str = "hub"
     """`hub` (hub names or local paths below) or `embedded` (raw rows under `--task_dir/raw`)"""
     task_dir: str = "runs/quickstart/task"
+    comparisons_dir: Optional[str] = None
+    """embedded only: folder of comparisons_{train,validation}.jsonl to use instead of `{task_dir}/raw` (for
+    example the policy-sample comparisons written by collect_feedback.py)"""
     """embedded task folder (only with `--source embedded`)"""
     base_model: str = "EleutherAI/pythia-1b-deduped"
     """whose tokenizer to use (embedded: defaults to `{task_dir}/tokenizer`)"""
@@ -251,7 +254,7 @@ def load_rows(name: str, config: Optional[str] = None) -> dict:
     return {split: list(ds[split]) for split in ds}
 
 
-def embedded_rows(task_dir: str):
+def embedded_rows(task_dir: str, comparisons_dir: Optional[str] = None):
     raw = os.path.join(task_dir, "raw")
 
     def read(path):
@@ -261,7 +264,7 @@ def embedded_rows(task_dir: str):
             return [json.loads(line) for line in f if line.strip()]
 
     sft = {s: read(os.path.join(raw, f"sft_{s}.jsonl")) for s in ("train", "validation", "test")}
-    pref = {s: read(os.path.join(raw, f"comparisons_{s}.jsonl")) for s in ("train", "validation")}
+    pref = {s: read(os.path.join(comparisons_dir or raw, f"comparisons_{s}.jsonl")) for s in ("train", "validation")}
     return sft, pref
 
 
@@ -280,7 +283,7 @@ def build(args: Args):
     import datasets
 
     if args.source == "embedded":
-        sft_raw, pref_raw = embedded_rows(args.task_dir)
+        sft_raw, pref_raw = embedded_rows(args.task_dir, args.comparisons_dir)
         tokenizer_path = args.base_model if args.base_model != Args.base_model else os.path.join(args.task_dir, "tokenizer")
     elif args.source == "hub":
         sft_raw = load_rows(args.sft_dataset)

@@ -1,0 +1,160 @@
+"""A round of human feedback on the policy's own samples, for the embedded offline task.
+
+OpenAI's TL;DR comparisons (the reward model's data in the paper) were collected on samples of OpenAI's own
+policies: raters compared pairs of summaries that those models wrote. The embedded task's generated comparisons
+come from hand-written "policies" instead, whose mistakes are not the mistakes our tiny SFT model makes (it states
+the narrator's age, the duration and the feeling wrongly, but it rarely leaves a fact out). A reward model
+trained on them does not rank the SFT model's own summaries (correlation with the gold score about 0 on SFT
+samples), so PPO against it cannot beat SFT.
+
+This script plays the rater round that the real data already went through: for posts of the task's comparison
+splits it samples two summaries from the policy and lets the task's Bradley-Terry rater (the hidden gold judge plus
+calibrated noise, the same rater that labelled the generated comparisons) choose one. It writes
+`comparisons_{train,validation}.jsonl` in OpenAI's raw schema, which `tldr_dataset.py --comparisons_dir` turns into
+the preference set that `reward.py` reads.
+
+    python collect_feedback.py --task_dir runs/quickstart/task --policy_path runs/quickstart/sft \
+        --out_dir runs/quickstart/feedback
+"""
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Dict, List
+
+import torch
+import tyro
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+import embedded_task as et
+
+console = Console()
+
+
+@dataclass
+class Args:
+    task_dir: str = "runs/quickstart/task"
+    """embedded task folder (raw comparisons, gold records, the rater's temperature in task.json)"""
+    policy_path: str = "runs/quickstart/sft"
+    """the policy whose samples are compared (sft.py's output)"""
+    out_dir: str = "runs/quickstart/feedback"
+    """where comparisons_{train,validation}.jsonl and feedback.json are written"""
+    num_train_posts: int = 2500
+    """posts of the task's comparison training split to sample (one pair each)"""
+    num_validation_posts: int = 300
+    """posts of the task's comparison validation split to sample (one pair each)"""
+    temperature: float = 1.0
+    """sampling temperature: 1.0 shows the raters the policy's whole distribution (omissions included)"""
+    response_length: int = 53
+    """new tokens per sample (Detail 5: the SFT response length)"""
+    query_length: int = 256
+    """queries longer than this many tokens are an error (the embedded data set's query length)"""
+    batch_size: int = 50
+    """posts per generate call (two samples each)"""
+    seed: int = 1
+    num_threads: int = 0
+    """torch threads (0: the library default)"""
+
+
+def unique_posts(rows: List[dict], n: int) -> List[dict]:
+    """The first `n` distinct posts (`info` dicts) of raw comparison rows, in file order."""
+    seen, posts = set(), []
+    for r in rows:
+        if r["info"]["id"] not in seen:
+            seen.add(r["info"]["id"])
+            posts.append(r["info"])
+    if len(posts) < n:
+        raise ValueError(f"asked for {n} posts but the comparison split has only {len(posts)} distinct posts")
+    return posts[:n]
+
+
+def left_pad(seqs: List[List[int]], pad_id: int) -> torch.Tensor:
+    width = max(map(len, seqs))
+    return torch.tensor([[pad_id] * (width - len(s)) + s for s in seqs])
+
+
+@torch.no_grad()
+def sample_pairs(model, tokenizer, queries: List[str], args: Args) -> List[tuple]:
+    """Two sampled summaries per query (text before the first EOS, stripped)."""
+    pad_id = tokenizer.pad_token_id
+    ids = tokenizer(queries, add_special_tokens=False)["input_ids"]
+    too_long = [i for i, x in enumerate(ids) if len(x) > args.query_length]
+    if too_long:
+        raise ValueError(f"{len(too_long)} queries exceed --query_length {args.query_length} tokens (first: row {too_long[0]})")
+    q = left_pad(ids, pad_id).repeat_interleave(2, dim=0)  # Detail 3: left padding with the pad token
+    mask = q != pad_id
+    config = GenerationConfig(max_new_tokens=args.response_length, temperature=args.temperature, top_k=0, top_p=1.0,
+                              do_sample=True, pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id)
+    # positions follow the attention mask inside generate (Detail 11); pads become a valid id before the embedding
+    out = model.generate(input_ids=q.masked_fill(~mask, 0), attention_mask=mask.long(), generation_config=config)
+    texts = []
+    for resp in out[:, q.shape[1]:].tolist():
+        if tokenizer.eos_token_id in resp:  # Detail 21: the summary ends at the first EOS
+            resp = resp[: resp.index(tokenizer.eos_token_id)]
+        texts.append(tokenizer.decode([t for t in resp if t != pad_id]).strip())
+    return [(texts[2 * i], texts[2 * i + 1]) for i in range(len(queries))]
+
+
+def collect(args: Args, split: str, n_posts: int, model, tokenizer, records: Dict[str, dict], temperature: float,
+            progress: Progress) -> tuple:
+    rows = et.read_jsonl(os.path.join(args.task_dir, "raw", f"comparisons_{split}.jsonl"))
+    posts = unique_posts(rows, n_posts)
+    drafts, identical = [], 0
+    task = progress.add_task(f"sampling ({split})", total=len(posts))
+    for i in range(0, len(posts), args.batch_size):
+        chunk = posts[i:i + args.batch_size]
+        queries = [et.format_query(p["subreddit"], p["title"], p["post"]) for p in chunk]  # Detail 1
+        for p, (a, b) in zip(chunk, sample_pairs(model, tokenizer, queries, args)):
+            if a == b:  # nothing to compare (counted, like the data set's identical pairs)
+                identical += 1
+                continue
+            drafts.append(dict(rec=records[p["id"]], pa="sft_sample", pb="sft_sample", sa=a, sb=b, k=len(drafts)))
+        progress.advance(task, len(chunk))
+    # the task's own rater: Bradley-Terry draw on the gold scores at the calibrated temperature, noisy workers
+    labelled, stats = et.label_comparisons(drafts, args.seed, f"feedback_{split}", temperature)
+    for row in labelled:
+        row["split"] = "train" if split == "train" else "valid1"  # the raw data's split names
+    stats["identical_pairs_skipped"] = identical
+    outcomes = [et.fact_outcomes(d["rec"], s) for d in drafts for s in (d["sa"], d["sb"])]
+    stats["sample_fact_rates"] = {k: {o: sum(x[k] == o for x in outcomes) / max(1, len(outcomes))
+                                      for o in ("right", "wrong", "missing")} for k in et.SALIENT}
+    return labelled, stats
+
+
+def main(args: Args) -> dict:
+    t0 = time.time()
+    if args.num_threads > 0:
+        torch.set_num_threads(args.num_threads)
+    torch.manual_seed(args.seed)
+    task_json = os.path.join(args.task_dir, "task.json")
+    if not os.path.exists(task_json):
+        raise FileNotFoundError(f"{task_json} not found: build the task first (python embedded_task.py --out_dir {args.task_dir})")
+    temperature = json.load(open(task_json))["stats"]["rater_temperature"]
+    records = {r["id"]: r for r in et.read_jsonl(os.path.join(args.task_dir, "gold", "records.jsonl"))}
+    tokenizer = AutoTokenizer.from_pretrained(args.policy_path)
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise ValueError(f"tokenizer at {args.policy_path}: needs a pad token distinct from EOS (Detail 3)")
+    model = AutoModelForCausalLM.from_pretrained(args.policy_path).eval()
+    os.makedirs(os.path.join(args.out_dir), exist_ok=True)
+    summary: Dict[str, object] = dict(args=asdict(args), rater_temperature=temperature)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console) as progress:
+        for split, n in (("train", args.num_train_posts), ("validation", args.num_validation_posts)):
+            rows, stats = collect(args, split, n, model, tokenizer, records, temperature, progress)
+            et.write_jsonl(os.path.join(args.out_dir, f"comparisons_{split}.jsonl"), rows)
+            summary[split] = stats
+    summary["seconds"] = time.time() - t0
+    with open(os.path.join(args.out_dir, "feedback.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    tr = summary["train"]
+    console.print(f"feedback: {tr['n']} training pairs of policy samples (label agreement with gold "
+                  f"{tr['label_agreement']:.3f}, {tr['identical_pairs_skipped']} identical skipped); "
+                  f"{summary['validation']['n']} validation pairs; {summary['seconds']:.0f}s -> {args.out_dir}")
+    return summary
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
