@@ -67,8 +67,10 @@ class Args:
     """comma-separated sizes (real: 1b,2.8b,6.9b; embedded: s,m,l); empty = all of the mode"""
     seeds: str = ""
     """comma-separated seeds (empty: the paper's 44413,55513,66613,77713 for real, 1,2,3 for embedded)"""
-    stages: str = "sft,rm,ppo,judge"
-    """subset of data,sft,rm,ppo,judge,dpo (dpo adds DPO + its judge); data is built once for the sweep"""
+    stages: str = ""
+    """subset of data,sft,feedback,rm,ppo,judge,dpo (dpo adds DPO + its judge); data is built once for the sweep.
+    Empty: sft,rm,ppo,judge (real) or sft,feedback,rm,ppo,judge (embedded: feedback = collect_feedback.py's rater
+    round on each SFT model's own samples, which the run's RM and PPO then read, as in the quickstart)"""
     out_dir: str = ""
     """sweep folder (default runs/sweep for real, runs/sweep_embedded for embedded)"""
     dry_run: bool = False
@@ -116,6 +118,8 @@ class Args:
     """claim each chain with a file in {out_dir}/claims before running it, so that several sweep processes
     started on the same folder share the chains without running one twice"""
     dpo_train_pairs: Optional[int] = 512
+    feedback_posts: int = 1024
+    """embedded feedback stage: posts (one pair of SFT samples each) for the RM's training comparisons"""
     threads: int = 1
     """OMP_NUM_THREADS / torch threads of every embedded process"""
 
@@ -190,23 +194,33 @@ def embedded_commands(args: Args, size: str, seed: int, stages: List[str]) -> Li
     o, py = args.out_dir, sys.executable
     task = args.task_dir or os.path.join(o, "task")
     data = args.dataset_dir or os.path.join(o, "dataset")
-    d = {st: os.path.join(o, run_name(st, size, seed)) for st in ("sft", "rm", "ppo", "dpo", "judge_ppo", "judge_dpo")}
+    d = {st: os.path.join(o, run_name(st, size, seed))
+         for st in ("sft", "feedback", "fdata", "rm", "ppo", "dpo", "judge_ppo", "judge_dpo")}
     common = ["--dataset_path", data, "--gold_task_dir", task, "--seed", str(seed)]
+    # with the feedback stage, the RM and PPO read the preference set built from the SFT model's own samples
+    rl_common = ["--dataset_path", d["fdata"], *common[2:]] if "feedback" in stages else common
     opt = lambda flag, v: [] if v is None else [flag, str(v)]  # noqa: E731
     cmds = []
     if "sft" in stages:
         cmds.append((run_name("sft", size, seed), [py, "sft.py", "--preset", "embedded", "--base_model",
                      os.path.join(task, f"base-{size}"), "--output_dir", d["sft"], *common, "--save_every", "0",
                      "--no-eval-base"]))
+    if "feedback" in stages:
+        cmds.append((run_name("feedback", size, seed), [py, "collect_feedback.py", "--task_dir", task, "--policy_path",
+                     d["sft"], "--out_dir", d["feedback"], "--num_train_posts", str(args.feedback_posts),
+                     "--seed", str(seed), "--num_threads", str(args.threads)]))
+        cmds.append((run_name("fdata", size, seed), [py, "tldr_dataset.py", "--source", "embedded", "--task_dir", task,
+                     "--comparisons_dir", d["feedback"], "--out_dir", d["fdata"]]
+                     + ([] if args.max_rows is None else ["--max_rows", str(args.max_rows)])))
     if "rm" in stages:
         cmds.append((run_name("rm", size, seed), [py, "reward.py", "--preset", "embedded", "--base_model",
-                     os.path.join(task, f"base-{size}"), "--sft_model_path", d["sft"], "--output_dir", d["rm"], *common,
+                     os.path.join(task, f"base-{size}"), "--sft_model_path", d["sft"], "--output_dir", d["rm"], *rl_common,
                      *opt("--num_train_pairs", args.rm_train_pairs), *opt("--num_val_pairs", args.rm_val_pairs),
                      "--norm_num_samples", str(args.rm_norm_samples), "--norm_recompute_samples", "64",
                      "--num_gold_samples", str(args.rm_gold_samples)]))
     if "ppo" in stages:
         cmds.append((run_name("ppo", size, seed), [py, "ppo.py", "--preset", "embedded", "--sft_model_path", d["sft"],
-                     "--reward_model_path", d["rm"], "--output_dir", d["ppo"], *common,
+                     "--reward_model_path", d["rm"], "--output_dir", d["ppo"], *rl_common,
                      "--total_episodes", str(args.ppo_total_episodes), "--batch_size", str(args.ppo_batch_size),
                      "--num_ppo_epochs", str(args.ppo_epochs), "--num_mini_batches", "1",
                      "--per_device_train_batch_size", "16", "--lr", str(args.ppo_lr),
@@ -245,10 +259,12 @@ def data_commands(args: Args) -> List[Tuple[str, List[str]]]:
 
 def plan(args: Args) -> Tuple[List[Tuple[str, List[str]]], List[List[Tuple[str, List[str]]]]]:
     """(setup commands, one command chain per (size, seed)) in launch order: seed-major, larger sizes first."""
-    stages = parse_list(args.stages, "sft,rm,ppo,judge")
-    bad = set(stages) - {"data", "sft", "rm", "ppo", "judge", "dpo"}
+    stages = parse_list(args.stages, "sft,rm,ppo,judge" if args.mode == "real" else "sft,feedback,rm,ppo,judge")
+    bad = set(stages) - {"data", "sft", "feedback", "rm", "ppo", "judge", "dpo"}
     if bad:
         raise ValueError(f"--stages: unknown {sorted(bad)}")
+    if args.mode == "real" and "feedback" in stages:
+        raise ValueError("--stages: feedback (collect_feedback.py) exists for the embedded task only")
     default_sizes = ",".join(REAL_SIZES) if args.mode == "real" else ",".join(EMBEDDED_SIZES)
     sizes = parse_list(args.sizes, default_sizes)
     seeds = [int(s) for s in parse_list(args.seeds, PAPER_SEEDS if args.mode == "real" else "1,2,3")]

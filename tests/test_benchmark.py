@@ -289,3 +289,23 @@ def test_claims_share_chains_between_sweep_processes(tmp_path, monkeypatch):
     monkeypatch.setattr(sweep, "run_one", lambda a, name, argv: ran.append(name) or True)
     assert all(sweep.run_chain(args, ch) for ch in chains)
     assert ran == ["sft_s_2"] and (tmp_path / "c" / "claims" / "sft_s_2").exists()
+
+
+def test_embedded_default_runs_feedback_before_rm_and_ppo(tmp_path):
+    """The embedded sweep's default chain collects rater comparisons of each SFT model's own samples and points that
+    run's RM and PPO at the preference set built from them (as the quickstart does); the real mode refuses it."""
+    args = sweep.Args(mode="embedded", sizes="s", seeds="2", out_dir=str(tmp_path / "e"))
+    _, chains = sweep.plan(args)
+    names = [n for n, _ in chains[0]]
+    assert names == ["sft_s_2", "feedback_s_2", "fdata_s_2", "rm_s_2", "ppo_s_2", "judge_ppo_s_2"]
+    f = {name: flags(argv) for name, argv in chains[0]}
+    assert f["feedback_s_2"]["policy_path"] == f["sft_s_2"]["output_dir"] and f["feedback_s_2"]["seed"] == "2"
+    assert f["fdata_s_2"]["comparisons_dir"] == f["feedback_s_2"]["out_dir"]
+    for stage in ("rm_s_2", "ppo_s_2"):
+        assert f[stage]["dataset_path"] == f["fdata_s_2"]["out_dir"]
+    assert f["sft_s_2"]["dataset_path"] != f["fdata_s_2"]["out_dir"]
+    no_feedback = {n: flags(a) for n, a in sweep.plan(sweep.Args(mode="embedded", sizes="s", seeds="2", stages="sft,rm",
+                                                                 out_dir=str(tmp_path / "e")))[1][0]}
+    assert no_feedback["rm_s_2"]["dataset_path"] == f["sft_s_2"]["dataset_path"]
+    with pytest.raises(ValueError, match="feedback .* embedded task only"):
+        sweep.plan(sweep.Args(mode="real", stages="sft,feedback", out_dir=str(tmp_path / "r")))
