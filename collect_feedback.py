@@ -138,7 +138,7 @@ def main(args: Args) -> dict:
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise ValueError(f"tokenizer at {args.policy_path}: needs a pad token distinct from EOS (Detail 3)")
     model = AutoModelForCausalLM.from_pretrained(args.policy_path).eval()
-    os.makedirs(os.path.join(args.out_dir), exist_ok=True)
+    os.makedirs(args.out_dir, exist_ok=True)
     summary: Dict[str, object] = dict(args=asdict(args), rater_temperature=temperature)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as progress:

@@ -29,10 +29,10 @@ class Args:
     source: str = "hub"
     """`hub` (hub names or local paths below) or `embedded` (raw rows under `--task_dir/raw`)"""
     task_dir: str = "runs/quickstart/task"
+    """embedded task folder (only with `--source embedded`)"""
     comparisons_dir: Optional[str] = None
     """embedded only: folder of comparisons_{train,validation}.jsonl to use instead of `{task_dir}/raw` (for
     example the policy-sample comparisons written by collect_feedback.py)"""
-    """embedded task folder (only with `--source embedded`)"""
     base_model: str = "EleutherAI/pythia-1b-deduped"
     """whose tokenizer to use (embedded: defaults to `{task_dir}/tokenizer`)"""
     sft_dataset: str = "vwxyzjn/summarize_from_feedback_tldr_3_filtered"

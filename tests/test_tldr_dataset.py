@@ -163,3 +163,17 @@ def test_detail6_build_from_local_files(tok, gpt2_tokenizer_dir, tmp_path):
     assert set(pref) == {"train", "validation", "train_cnndm", "validation_cnndm"}
     assert sft["train"][1]["summary"] == SHORT_ROW["summary"]
     assert json.load(open(os.path.join(args.out_dir, "meta.json")))["query_length"] == 512
+
+
+def test_cli_help_names_task_dir_and_comparisons_dir():
+    """Each embedded option carries its own help (a misplaced docstring would give one field the other's text)."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "tldr_dataset.py", "--help"], cwd=root, capture_output=True, text=True,
+                         check=True, env={**os.environ, "COLUMNS": "200"}).stdout
+    task_help = out[out.index("--task-dir"): out.index("--comparisons-dir")]
+    assert "embedded task folder" in task_help
+    comparisons_help = out[out.index("--comparisons-dir"): out.index("--base-model")]
+    assert "collect_feedback.py" in comparisons_help and "embedded task folder" not in comparisons_help
