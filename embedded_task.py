@@ -518,6 +518,8 @@ def wrong_record(rec: dict, rng: random.Random) -> dict:
 
 
 HARD_DETAILS = ("narrator_age", "duration", "feeling")  # the details the small SFT policies get wrong most often
+_FEELING_WORD_RE = re.compile(r"\b(" + "|".join(sorted((re.escape(w) for ws in FEELINGS.values() for w in ws),
+                                                        key=len, reverse=True)) + r")\b")
 
 
 def near_miss(rec: dict, detail: str, rng: random.Random):
@@ -544,9 +546,7 @@ def set_detail(parts: Dict[str, str], detail: str, value, rng: random.Random) ->
         d = duration_text(value, rng)
         p["other_dur"], p["duration"] = p["other_dur"].replace(p["duration"], d, 1), d
     elif detail == "feeling":
-        words = sorted((w for ws in FEELINGS.values() for w in ws), key=len, reverse=True)
-        p["feeling"] = re.sub(r"\b(" + "|".join(map(re.escape, words)) + r")\b", rng.choice(FEELINGS[value]),
-                              p["feeling"], count=1)
+        p["feeling"] = _FEELING_WORD_RE.sub(rng.choice(FEELINGS[value]), p["feeling"], count=1)
     else:
         raise ValueError(f"set_detail: unknown detail {detail!r}; choose from {HARD_DETAILS}")
     return p

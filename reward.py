@@ -798,19 +798,22 @@ def near_miss_accuracy(rm: nn.Module, judge, queries: List[str], query_tokens: t
     does not check that detail against the post, so PPO cannot learn to get it right from this RM."""
     from embedded_task import HARD_DETAILS, near_miss_pair
 
+    if tokenizer.pad_token_id != pad_id:
+        raise ValueError(f"near_miss_accuracy: tokenizer pads with {tokenizer.pad_token_id}, the RM with {pad_id}")
     rng = random.Random(seed)
+    records = [judge.record(q) for q in queries]
     out: Dict[str, float] = {}
     eos = tokenizer.eos_token
     for detail in HARD_DETAILS:
         wins = []
         for i in range(0, len(queries), batch_size):
-            pairs = [near_miss_pair(judge.record(q), detail, rng) for q in queries[i:i + batch_size]]
+            pairs = [near_miss_pair(rec, detail, rng) for rec in records[i:i + batch_size]]
             texts = [" " + t + eos for pair in pairs for t in pair]  # Detail 4: the summary starts with a space
             resp = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")["input_ids"]
-            resp = resp.masked_fill(resp == tokenizer.pad_token_id, pad_id).to(query_tokens.device)
             q = query_tokens[i:i + batch_size].repeat_interleave(2, dim=0)
+            ids = torch.cat([q, resp.to(q.device)], 1)  # left-padded query, right-padded summary (Details 11, 15)
             with torch.no_grad():
-                r = get_reward(rm, torch.cat([q, resp], 1), pad_id).view(-1, 2)  # left-padded query, right-padded summary
+                r = get_reward(rm, trim_padding(ids, pad_id), pad_id).view(-1, 2)
             wins.append((r[:, 0] > r[:, 1]).float().cpu())
         out[f"gold_near_miss_accuracy/{detail}"] = float(torch.cat(wins).mean())
     out["gold_near_miss_accuracy"] = float(np.mean([out[f"gold_near_miss_accuracy/{d}"] for d in HARD_DETAILS]))

@@ -511,12 +511,14 @@ def test_near_miss_accuracy_separates_checkers_from_constant(tmp_path):
     width = max(map(len, ids))
     query_tokens = torch.tensor([[pad] * (width - len(x)) + x for x in ids])  # left-padded like the data sets
 
+    marker = tok("\n\nTL;DR:", add_special_tokens=False)["input_ids"]  # the query's last tokens (Detail 1)
+
     class CopyChecker(torch.nn.Module):
         def forward(self, input_ids, attention_mask, position_ids):
             out = torch.zeros(input_ids.shape, dtype=torch.float)
             for b in range(input_ids.shape[0]):
                 real = input_ids[b][attention_mask[b].bool()].tolist()
-                n_query = int(attention_mask[b, :width].sum())
+                n_query = max(i + len(marker) for i in range(len(real)) if real[i:i + len(marker)] == marker)
                 post, summary = set(real[:n_query]), real[n_query:]
                 out[b] = sum(t in post for t in summary) / max(1, len(summary))
             return out
