@@ -9,8 +9,9 @@ Reads the run folders written by benchmark/sweep.py, named {stage}_{model}_{seed
   dpo_*/metrics.json        val_reward_accuracy, gold_win_rate
   judge_ppo_* / judge_dpo_* eval_gpt_judge.py: win_rate (candidate vs reference), compare_win_rate (SFT vs
                             reference on the same queries), len_bin{i}_{lo,hi,n,win_rate} (Detail 34)
-Writes rm_accuracy.png, win_rate_vs_size.png, win_rate_by_length.png, ppo_curves.png and a markdown table
-(mean ± std over seeds per size, with the number of seeds).
+Writes rm_accuracy.png, win_rate_vs_size.png, win_rate_by_length.png, ppo_curves.png, a markdown table
+(mean ± std over seeds per size, with the number of seeds) and the same numbers as JSON (`--json_out`), which
+README's results table is generated from.
 """
 
 import json
@@ -40,6 +41,8 @@ class Args:
     """file name prefix of the PNGs"""
     len_bins: int = 6
     """common bins of log(len(candidate)/len(reference)) used to pool the judge's per-run length bins"""
+    json_out: Optional[str] = "docs/embedded_sweep.json"
+    """the sweep's numbers as JSON (None: not written)"""
 
 
 def read_json(path: str) -> Optional[dict]:
@@ -144,22 +147,26 @@ def errbar(ax, x, xs_list, label, **kw):
         ax.scatter([xi] * len(xs), xs, s=10, alpha=0.4, color=line[0].get_color())
 
 
+def run_bin_counts(m: dict, prefix: str, edges: np.ndarray):
+    """One judge run's Detail 34 bins (per-run edges) re-pooled onto common edges by their centres: (wins, counts)."""
+    wins, counts = np.zeros(len(edges) - 1), np.zeros(len(edges) - 1)
+    i = 0
+    while f"{prefix}len_bin{i}_n" in m:
+        n, wr = m[f"{prefix}len_bin{i}_n"], m.get(f"{prefix}len_bin{i}_win_rate")
+        if n and finite(wr):
+            c = 0.5 * (m[f"{prefix}len_bin{i}_lo"] + m[f"{prefix}len_bin{i}_hi"])
+            b = int(np.clip(np.searchsorted(edges, c, side="right") - 1, 0, len(edges) - 2))
+            wins[b] += wr * n
+            counts[b] += n
+        i += 1
+    return wins, counts
+
+
 def pooled_length_bins(judge_runs: Dict[int, dict], prefix: str, edges: np.ndarray) -> List[List[float]]:
-    """Per common bin, the seeds' win rates: every seed's judge bins (Detail 34, per-run edges) are re-pooled
-    onto common edges by their centres, weighted by their counts."""
+    """Per common bin, the seeds' win rates (count-weighted within a seed)."""
     per_bin: List[List[float]] = [[] for _ in range(len(edges) - 1)]
     for r in judge_runs.values():
-        m = r["metrics"]
-        wins, counts = np.zeros(len(edges) - 1), np.zeros(len(edges) - 1)
-        i = 0
-        while f"{prefix}len_bin{i}_n" in m:
-            n, wr = m[f"{prefix}len_bin{i}_n"], m.get(f"{prefix}len_bin{i}_win_rate")
-            if n and finite(wr):
-                c = 0.5 * (m[f"{prefix}len_bin{i}_lo"] + m[f"{prefix}len_bin{i}_hi"])
-                b = int(np.clip(np.searchsorted(edges, c, side="right") - 1, 0, len(edges) - 2))
-                wins[b] += wr * n
-                counts[b] += n
-            i += 1
+        wins, counts = run_bin_counts(r["metrics"], prefix, edges)
         for b in range(len(edges) - 1):
             if counts[b] >= 3:  # a bin with one or two items is noise
                 per_bin[b].append(wins[b] / counts[b])
@@ -391,6 +398,56 @@ def table_markdown(runs) -> str:
     return "\n".join(lines)
 
 
+def pooled_bin_rates(runs, stage: str, prefix: str, edges: np.ndarray):
+    """Per common bin, (wins, count) summed over every size and seed of `stage`'s judge runs."""
+    wins, counts = np.zeros(len(edges) - 1), np.zeros(len(edges) - 1)
+    for by_seed in runs.get(stage, {}).values():
+        for r in by_seed.values():
+            w, n = run_bin_counts(r["metrics"], prefix, edges)
+            wins, counts = wins + w, counts + n
+    return wins, counts
+
+
+def sweep_summary(runs, sweep_dir: str, num_bins: int = 10) -> dict:
+    """The sweep's headline numbers, per size (mean and std over seeds) and pooled over sizes and seeds."""
+    sizes = sorted({s for st in runs.values() for s in st}, key=size_key)
+
+    def stat(xs):
+        return (float(np.mean(xs)), float(np.std(xs))) if xs else (None, None)
+
+    out = {"sizes": {}}
+    for s in sizes:
+        wr = win_rates(runs, s)
+        entry = {}
+        for key, xs in (("rm_val_accuracy", values(runs, "rm", s, "val_accuracy")), ("sft_win_rate", wr["SFT"]),
+                        ("ppo_win_rate", wr["PPO"]), ("dpo_win_rate", wr["DPO"]),
+                        ("final_kl", values(runs, "ppo", s, "final_kl")),
+                        ("sft_gold_score", values(runs, "sft", s, "eval_gold_score")),
+                        ("ppo_gold_score", values(runs, "ppo", s, "eval_gold_score"))):
+            entry[f"{key}_mean"], entry[f"{key}_std"] = stat(xs)
+        jp = runs.get("judge_ppo", {}).get(s, {})
+        # one paired-CI lower bound (PPO minus SFT win rate against the references) per seed, in seed order
+        entry["ppo_vs_sft_ci_low"] = [jp[k]["metrics"]["diff_win_rate_ci_low"] for k in sorted(jp)
+                                      if finite(jp[k]["metrics"].get("diff_win_rate_ci_low"))]
+        entry["seeds"] = {st: sorted(runs.get(st, {}).get(s, {})) for st in ("sft", "rm", "ppo", "dpo", "judge_ppo")}
+        out["sizes"][s] = entry
+    # Detail 34 length bins, pooled over sizes and seeds: PPO's win rate minus SFT's in each bin
+    rng = length_range(runs)
+    bins = []
+    if rng:
+        edges = np.linspace(rng[0], rng[1], num_bins + 1)
+        pw, pn = pooled_bin_rates(runs, "judge_ppo", "", edges)
+        sw, sn = pooled_bin_rates(runs, "judge_ppo", "compare_", edges)
+        bins = [float(pw[b] / pn[b] - sw[b] / sn[b]) if pn[b] and sn[b] else None for b in range(num_bins)]
+        out["length_bin_edges"] = [float(e) for e in edges]
+    out["ppo_minus_sft_by_length_bin"] = bins
+    out["seeds"] = sorted({k for st in runs.values() for by in st.values() for k in by})
+    timing = read_json(os.path.join(sweep_dir, "sweep_timing.json")) or {}
+    out["wall_seconds"] = timing.get("wall_seconds")
+    out["machine"] = timing.get("machine")
+    return out
+
+
 def main(args: Args) -> None:
     runs = collect(args.sweep_dir)
     written = make_figures(runs, args)
@@ -401,6 +458,11 @@ def main(args: Args) -> None:
     if args.table:
         write_table(args.table, table, args)
         print("wrote", args.table)
+    if args.json_out:
+        os.makedirs(os.path.dirname(args.json_out) or ".", exist_ok=True)
+        with open(args.json_out, "w") as f:
+            json.dump(sweep_summary(runs, args.sweep_dir), f, indent=1)
+        print("wrote", args.json_out)
 
 
 START, END = "<!-- table:start (benchmark/report.py) -->", "<!-- table:end -->"

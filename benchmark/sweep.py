@@ -17,7 +17,10 @@ dpo_1b_44413, judge_dpo_1b_44413), so every stage finds its inputs and benchmark
 A stage whose metrics.json already exists is skipped (rerun the same command to resume a sweep).
 """
 
+import dataclasses
+import json
 import os
+import platform
 import shlex
 import subprocess
 import sys
@@ -385,8 +388,6 @@ def main(args: Args) -> None:
         return
     os.makedirs(args.out_dir, exist_ok=True)
     with open(os.path.join(args.out_dir, "sweep_args.json"), "w") as f:
-        import dataclasses
-        import json
         json.dump(dataclasses.asdict(args), f, indent=2)
     for name, argv in setup:
         if not run_one(args, name, argv):
@@ -394,7 +395,12 @@ def main(args: Args) -> None:
     t0 = time.time()
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         ok = list(pool.map(lambda ch: run_chain(args, ch), chains))
-    print(f"sweep finished in {time.time() - t0:.0f}s: {sum(ok)}/{len(ok)} chains complete", flush=True)
+    wall = time.time() - t0
+    print(f"sweep finished in {wall:.0f}s: {sum(ok)}/{len(ok)} chains complete", flush=True)
+    # the wall time and the machine, for benchmark/report.py's JSON summary
+    with open(os.path.join(args.out_dir, "sweep_timing.json"), "w") as f:
+        json.dump({"wall_seconds": round(wall, 1), "jobs": args.jobs, "chains_complete": sum(ok), "chains": len(ok),
+                   "machine": f"{platform.node()} ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"}, f)
     if not all(ok):
         raise SystemExit(1)
 

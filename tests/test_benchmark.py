@@ -221,7 +221,8 @@ def write_fake_sweep(root, sizes=("s", "m", "l"), seeds=(1, 2, 3)):
                     for u in range(1, 6)] + [{"update": 5, "eval/gold_win_rate": 0.5}]
             dump(f"ppo_{size}_{seed}", {"gold_win_rate": 0.4 + 0.1 * i, "final_kl": 2.0 + seed}, hist)
             judge = {"win_rate": 0.4 + 0.1 * i + 0.01 * seed, "compare_win_rate": 0.25 + 0.05 * i, "h2h_win_rate": 0.6,
-                     "mean_candidate_token_len": 40.0, "compare_mean_candidate_token_len": 30.0}
+                     "mean_candidate_token_len": 40.0, "compare_mean_candidate_token_len": 30.0,
+                     "diff_win_rate_ci_low": 0.01 * seed - 0.02}
             for b in range(10):
                 lo = -1 + 0.2 * b
                 for p, wr in (("", 0.3 + 0.04 * b), ("compare_", 0.2 + 0.03 * b)):
@@ -263,6 +264,34 @@ def test_report_on_fake_sweep(tmp_path):
     assert "1.500 ± 0.000 | 5.000 ± 0.000" in rows["l"]
     assert "| 0.600 ± 0.000 |" in rows["m"]  # PPO vs SFT head-to-head
     assert '"ppo_total_episodes": 512' in text
+
+
+def test_report_json_summary(tmp_path):
+    """docs/embedded_sweep.json: per size the seeds' mean and std, one paired-CI lower bound per seed, and the
+    PPO-minus-SFT win rate per length bin pooled over sizes and seeds (null where a bin is empty)."""
+    sweep_dir = tmp_path / "sweep"
+    write_fake_sweep(sweep_dir)
+    (sweep_dir / "sweep_timing.json").write_text(json.dumps({"wall_seconds": 1234.5, "machine": "test box"}))
+    out = tmp_path / "docs" / "sweep.json"
+    report.main(report.Args(sweep_dir=str(sweep_dir), out_dir=str(tmp_path / "fig"), table=None, prefix="t_",
+                            json_out=str(out)))
+    js = json.loads(out.read_text())
+    assert list(js["sizes"]) == ["s", "m", "l"] and js["seeds"] == [1, 2, 3]
+    m = js["sizes"]["m"]
+    assert m["rm_val_accuracy_mean"] == pytest.approx(0.67) and m["rm_val_accuracy_std"] == pytest.approx(0.01 * (2 / 3) ** 0.5)
+    assert m["ppo_win_rate_mean"] == pytest.approx(0.52) and m["sft_win_rate_mean"] == pytest.approx(0.30)
+    assert m["ppo_vs_sft_ci_low"] == pytest.approx([-0.01, 0.0, 0.01])
+    assert m["final_kl_mean"] == pytest.approx(4.0) and m["dpo_win_rate_mean"] is None
+    assert js["wall_seconds"] == 1234.5 and js["machine"] == "test box"
+    # every run has the same ten bins: PPO 0.3 + 0.04 b, SFT 0.2 + 0.03 b -> difference 0.1 + 0.01 b
+    assert js["ppo_minus_sft_by_length_bin"] == pytest.approx([0.1 + 0.01 * b for b in range(10)])
+    # a run whose bins cover only part of the range leaves the rest of the common bins empty (null)
+    sparse = {"judge_ppo": {"s": {1: {"metrics": {"len_bin0_lo": -1.0, "len_bin0_hi": -0.8, "len_bin0_n": 5, "len_bin0_win_rate": 0.4,
+                                                  "compare_len_bin0_lo": -1.0, "compare_len_bin0_hi": -0.8, "compare_len_bin0_n": 5,
+                                                  "compare_len_bin0_win_rate": 0.2,
+                                                  "len_bin1_lo": 0.8, "len_bin1_hi": 1.0, "len_bin1_n": 5, "len_bin1_win_rate": 1.0}}}}}
+    bins = report.sweep_summary(sparse, str(tmp_path), num_bins=4)["ppo_minus_sft_by_length_bin"]
+    assert bins[0] == pytest.approx(0.2) and bins[1] is None and bins[2] is None and bins[3] is None
 
 
 def test_report_length_pooling_and_fallbacks(tmp_path):
@@ -309,3 +338,14 @@ def test_embedded_default_runs_feedback_before_rm_and_ppo(tmp_path):
     assert no_feedback["rm_s_2"]["dataset_path"] == f["sft_s_2"]["dataset_path"]
     with pytest.raises(ValueError, match="feedback .* embedded task only"):
         sweep.plan(sweep.Args(mode="real", stages="sft,feedback", out_dir=str(tmp_path / "r")))
+
+
+def test_sweep_writes_timing_for_the_report(tmp_path, monkeypatch):
+    """A finished sweep records its wall time, chain count and machine in sweep_timing.json (read by report.py)."""
+    args = sweep.Args(mode="embedded", sizes="s", seeds="1,2", stages="sft", out_dir=str(tmp_path / "t"))
+    monkeypatch.setattr(sweep, "run_one", lambda a, name, argv: True)
+    sweep.main(args)
+    timing = json.loads((tmp_path / "t" / "sweep_timing.json").read_text())
+    assert timing["chains"] == 2 and timing["chains_complete"] == 2 and timing["wall_seconds"] >= 0
+    assert "cores" in timing["machine"]
+    assert report.sweep_summary({}, str(tmp_path / "t"))["wall_seconds"] == timing["wall_seconds"]
