@@ -135,8 +135,7 @@ def main(args: Args) -> dict:
     temperature = json.load(open(task_json))["stats"]["rater_temperature"]
     records = {r["id"]: r for r in et.read_jsonl(os.path.join(args.task_dir, "gold", "records.jsonl"))}
     tokenizer = AutoTokenizer.from_pretrained(args.policy_path)
-    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        raise ValueError(f"tokenizer at {args.policy_path}: needs a pad token distinct from EOS (Detail 3)")
+    tokenizer.add_special_tokens({"pad_token": "[PAD]"})  # Detail 3: every stage's [PAD] (the SFT policy's has it)
     model = AutoModelForCausalLM.from_pretrained(args.policy_path).eval()
     os.makedirs(args.out_dir, exist_ok=True)
     summary: Dict[str, object] = dict(args=asdict(args), rater_temperature=temperature)

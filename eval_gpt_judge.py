@@ -747,8 +747,9 @@ def generate_samples(args: Args, out_path: str) -> str:
     if not os.path.isdir(os.path.join(args.dataset_path, "sft")):
         raise ValueError(f"--dataset_path {args.dataset_path!r} has no sft/ DatasetDict")
     tokenizer = AutoTokenizer.from_pretrained(args.model_path, padding_side="left")
-    if tokenizer.pad_token is None:
-        tokenizer.add_special_tokens({"pad_token": PAD_TEXT})  # Detail 3: a dedicated [PAD], never EOS
+    # Detail 3: a dedicated [PAD], never EOS, added whatever pad the tokenizer reports (Pythia's: <|padding|>),
+    # as released; Pythia's [PAD] is id 50277. Idempotent on a tokenizer saved with [PAD] by an earlier stage.
+    tokenizer.add_special_tokens({"pad_token": PAD_TEXT})
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     if pad_id == eos_id:
         raise ValueError(f"{args.model_path}: tokenizer pad id equals eos id ({pad_id}); Detail 3 needs a dedicated [PAD]")

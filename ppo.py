@@ -490,8 +490,9 @@ def disable_dropout(model: nn.Module) -> nn.Module:
 
 def load_tokenizer(path: str):
     tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.add_special_tokens({"pad_token": "[PAD]"})  # Detail 3: a dedicated pad, never EOS
+    # Detail 3: a dedicated [PAD], never EOS, added whatever pad the tokenizer reports (Pythia's: <|padding|>),
+    # as released; Pythia's [PAD] is id 50277. Idempotent on a tokenizer saved with [PAD] by an earlier stage.
+    tokenizer.add_special_tokens({"pad_token": "[PAD]"})
     if tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise ValueError(f"{path}: the pad token equals EOS ({tokenizer.eos_token_id}); Detail 3 forbids this")
     return tokenizer

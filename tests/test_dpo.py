@@ -20,8 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def tok(gpt2_tokenizer_dir):
-    return dpo.load_tokenizer(gpt2_tokenizer_dir)
+def tok(pythia_tokenizer_dir):
+    return dpo.load_tokenizer(pythia_tokenizer_dir)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -205,7 +205,7 @@ def test_presets_flags_and_bad_input():
 # End to end: raw rows -> tldr_dataset.build -> dpo.py (subprocess)
 # ------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def tiny_run_inputs(tmp_path_factory, gpt2_tokenizer_dir, tok):
+def tiny_run_inputs(tmp_path_factory, pythia_tokenizer_dir, tok):
     root = tmp_path_factory.mktemp("dpo_e2e")
     words = WORDS
     raw = root / "raw"
@@ -225,7 +225,7 @@ def tiny_run_inputs(tmp_path_factory, gpt2_tokenizer_dir, tok):
                                         summaries=summaries, choice=choice, worker="w", batch="b1", split="valid1" if split == "validation" else "train",
                                         extra=dict(confidence=1 + i % 3))) + "\n")
     data = root / "data"
-    td.build(td.Args(sft_dataset=str(raw), preference_dataset=str(cmp), base_model=gpt2_tokenizer_dir, out_dir=str(data),
+    td.build(td.Args(sft_dataset=str(raw), preference_dataset=str(cmp), base_model=pythia_tokenizer_dir, out_dir=str(data),
                      query_length=48, sft_response_length=12, sft_query_response_length=60, rm_response_length=12, rm_query_response_length=60))
     model_dir = root / "sft"
     tiny_model(tok, path=str(model_dir))

@@ -353,7 +353,7 @@ def test_gold_backend_same_statistics_interface(server, tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------------------
 # --model_path: Detail 13 evaluation sampling on the dataset's queries
 # ---------------------------------------------------------------------------------------------------------
-def test_detail13_model_path_generates_then_judges(tmp_path, gpt2_tokenizer_dir, monkeypatch):
+def test_detail13_model_path_generates_then_judges(tmp_path, pythia_tokenizer_dir, monkeypatch):
     """Detail 13 (temperature 0.01, top_k 0, top_p 1, exactly R tokens, EOS does not stop), Detail 21 (pads
     after the first EOS), Detail 11 (left padding changes nothing), Detail 7 (dropout off), then judging."""
     import torch
@@ -378,9 +378,9 @@ def test_detail13_model_path_generates_then_judges(tmp_path, gpt2_tokenizer_dir,
         (cmp / f"{split}.jsonl").write_text(json.dumps(dict(info=dict(id="c", post="p", title="t", subreddit="s"),
                                                             summaries=[dict(text=" a", policy="x"), dict(text=" b", policy="y")], choice=0)) + "\n")
     data = tmp_path / "data"
-    td.build(td.Args(sft_dataset=str(raw), preference_dataset=str(cmp), base_model=gpt2_tokenizer_dir, out_dir=str(data),
+    td.build(td.Args(sft_dataset=str(raw), preference_dataset=str(cmp), base_model=pythia_tokenizer_dir, out_dir=str(data),
                      query_length=48, sft_response_length=12, sft_query_response_length=60, rm_response_length=12, rm_query_response_length=60))
-    tok = AutoTokenizer.from_pretrained(gpt2_tokenizer_dir)
+    tok = AutoTokenizer.from_pretrained(pythia_tokenizer_dir)
     torch.manual_seed(0)
     model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=len(tok) + 8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                              intermediate_size=64, max_position_embeddings=128, hidden_dropout=0.1))

@@ -532,3 +532,95 @@ def test_near_miss_accuracy_separates_checkers_from_constant(tmp_path):
     constant = reward.near_miss_accuracy(Constant(), judge, queries, query_tokens, tok, pad, batch_size=16, seed=0)
     assert constant == {"gold_near_miss_accuracy/narrator_age": 0.0, "gold_near_miss_accuracy/duration": 0.0,
                         "gold_near_miss_accuracy/feeling": 0.0, "gold_near_miss_accuracy": 0.0}
+
+
+# ------------------------------------------------------------------------------------------------ Pythia's tokenizer
+def test_detail3_pythia_pad_and_too_small_embedding_is_resized(pythia_tokenizer_dir):
+    """Detail 3 with Pythia's tokenizer: [PAD] is id 50277, so Pythia's 50,304 embedding rows stay as they are and
+    an embedding one row short of the tokenizer is resized (its existing rows kept)."""
+    from transformers import GPTNeoXConfig, GPTNeoXModel
+
+    tok = reward.load_tokenizer(pythia_tokenizer_dir)
+    assert tok.pad_token_id == 50277 and len(tok) == 50278
+    for rows, expected in ((50304, 50304), (50277, 50278)):
+        torch.manual_seed(0)
+        trunk = GPTNeoXModel(GPTNeoXConfig(vocab_size=rows, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                           intermediate_size=16))
+        before = trunk.get_input_embeddings().weight.detach().clone()
+        reward.maybe_resize(trunk, tok)
+        weight = trunk.get_input_embeddings().weight
+        assert weight.shape[0] == expected and torch.equal(weight[:rows], before)
+
+
+# ------------------------------------------------------------------------------------------------ Detail 18, CNN/DM
+def test_eval_batch_size_scales_with_row_width():
+    from datasets import Dataset
+
+    ds = Dataset.from_dict({"query_chosen_token": [[1] * 2021], "query_rejected_token": [[1] * 2021]})
+    assert reward.eval_batch_size(ds, 16, 638) == 5  # 16 x 638 tokens / 2,021 per row
+    narrow = Dataset.from_dict({"query_chosen_token": [[1] * 638], "query_rejected_token": [[1] * 638]})
+    assert reward.eval_batch_size(narrow, 16, 638) == 16 and reward.eval_batch_size(ds, 1, 638) == 1
+
+
+def test_detail18_validation_cnndm_reported_separately(pythia_tokenizer_dir, tmp_path):
+    """Data built by tldr_dataset.py from rows in the published schema (TL;DR and CNN/DM validation rows, nulls
+    included), Pythia's tokenizer and a tiny Pythia-shaped model: reward.py checks validation_cnndm against the
+    CNN/DM limits in meta.json (wider than TL;DR's) and reports its accuracy apart; the batched scores equal the
+    pair-by-pair rewards of the saved model."""
+    from datasets import load_from_disk
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    import tldr_dataset as td
+
+    sft_raw, cmp_raw = tmp_path / "sft_raw", tmp_path / "cmp_raw"
+    sft_raw.mkdir(), cmp_raw.mkdir()
+    for split, n in (("train", 8), ("validation", 4), ("test", 2)):
+        with open(sft_raw / f"{split}.jsonl", "w") as f:
+            for i in range(n):
+                f.write(json.dumps(dict(id=f"{split}{i}", subreddit="test", title=f"title {i}",
+                                        post="a post about words " * (1 + i), summary=f"words {i}")) + "\n")
+
+    def comparison(i, batch, cnndm=False):
+        info = (dict(id=f"c{i}", post=None, title=f"news {i}", subreddit=None, site="dailymail",
+                     article=f"Line one of story {i}.\n" + "More of the story, with details. " * (10 + i))
+                if cnndm else dict(id=f"t{i}", post=f"post {i} " * 5, title=f"title {i}", subreddit="s", site=None,
+                                   article=None))
+        return dict(info=info, summaries=[dict(text=f" good summary {i}", policy="sup2", note=None),
+                                          dict(text=" bad", policy="ref", note=None)],
+                    choice=i % 2, worker="w", batch=batch, split="valid1", extra=dict(confidence=i % 3 + 7))
+
+    with open(cmp_raw / "train.jsonl", "w") as f:
+        for i in range(8):
+            f.write(json.dumps(comparison(i, "batch3")) + "\n")
+    with open(cmp_raw / "validation.jsonl", "w") as f:  # TL;DR rows first (article null), CNN/DM rows later
+        for i in range(4):
+            f.write(json.dumps(comparison(i, "batch5")) + "\n")
+        for i, b in enumerate(("batch0_cnndm", "cnndm0", "cnndm2", "cnndm0", "cnndm2")):
+            f.write(json.dumps(comparison(i, b, cnndm=True)) + "\n")
+    data = tmp_path / "data"
+    td.build(td.Args(sft_dataset=str(sft_raw), preference_dataset=str(cmp_raw), base_model=pythia_tokenizer_dir,
+                     out_dir=str(data), query_length=48, sft_response_length=12, sft_query_response_length=60,
+                     rm_response_length=12, rm_query_response_length=60, cnndm_query_length=96,
+                     cnndm_rm_response_length=16, cnndm_rm_query_response_length=112))
+    cnn = load_from_disk(str(data / "preference"))["validation_cnndm"]
+    assert len(cnn) == 5 and len(cnn[0]["query_token"]) == 96 and len(cnn[0]["query_chosen_token"]) == 112
+    assert cnn[0]["query"].startswith("Article:\nLine one of story 0.")
+
+    sft_dir = tmp_path / "sft"
+    tok = td.load_tokenizer(pythia_tokenizer_dir)
+    torch.manual_seed(0)
+    GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=50304, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=128)).save_pretrained(sft_dir)
+    tok.save_pretrained(sft_dir)
+    out = tmp_path / "rm"
+    args = reward.Args(**{**vars(reward.PRESETS["embedded"]), "sft_model_path": str(sft_dir),
+                          "dataset_path": str(data), "output_dir": str(out), "norm_num_samples": 8})
+    metrics = reward.main(args)
+    assert metrics["val_num_pairs"] == 4 and metrics["val_cnndm_num_pairs"] == 5
+    rm = reward.disable_dropout(reward.ScalarModel.from_pretrained(out)).eval()
+    with torch.no_grad():
+        margins = [float(reward.get_reward(rm, torch.tensor([row["query_chosen_token"]]), 50277)
+                         - reward.get_reward(rm, torch.tensor([row["query_rejected_token"]]), 50277)) for row in cnn]
+    assert metrics["val_cnndm_accuracy"] == pytest.approx(np.mean([m > 0 for m in margins]))
+    assert metrics["val_cnndm_reward_margin"] == pytest.approx(np.mean(margins), abs=1e-4)
+    assert "val_cnndm_accuracy/confidence_7" in metrics and "val_cnndm_accuracy/policies_ref_vs_sup2" in metrics

@@ -16,8 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def tok(gpt2_tokenizer_dir):
-    return sft.load_tokenizer(gpt2_tokenizer_dir)
+def tok(pythia_tokenizer_dir):
+    return sft.load_tokenizer(pythia_tokenizer_dir)
 
 
 def test_detail7_dropout_off(tok, tmp_path):
@@ -134,7 +134,7 @@ def test_presets_and_flags_override():
 
 
 @pytest.fixture(scope="module")
-def tiny_run_inputs(tmp_path_factory, gpt2_tokenizer_dir, tok):
+def tiny_run_inputs(tmp_path_factory, pythia_tokenizer_dir, tok):
     """A tiny real-path data set (raw rows -> tldr_dataset.build) and a tiny base model."""
     root = tmp_path_factory.mktemp("sft_e2e")
     raw = root / "raw"
@@ -145,7 +145,7 @@ def tiny_run_inputs(tmp_path_factory, gpt2_tokenizer_dir, tok):
         with open(cmp / f"{split}.jsonl", "w") as f:
             f.write(json.dumps(dict(info=dict(id="c", post="p", title="t", subreddit="s"), summaries=[dict(text=" a", policy="x"), dict(text=" b", policy="y")], choice=0)) + "\n")
     data = root / "data"
-    td.build(td.Args(sft_dataset=str(raw), preference_dataset=str(cmp), base_model=gpt2_tokenizer_dir, out_dir=str(data),
+    td.build(td.Args(sft_dataset=str(raw), preference_dataset=str(cmp), base_model=pythia_tokenizer_dir, out_dir=str(data),
                      query_length=48, sft_response_length=12, sft_query_response_length=60, rm_response_length=12, rm_query_response_length=60))
     model_dir = root / "base"
     tiny_model(tok, path=str(model_dir))
