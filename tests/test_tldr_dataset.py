@@ -152,7 +152,7 @@ def test_detail6_build_from_local_files(tok, gpt2_tokenizer_dir, tmp_path):
         with open(cmp_dir / f"{split}.jsonl", "w") as f:
             f.write(json.dumps(cmp_row()) + "\n")
             f.write(json.dumps(cmp_row(choice=1, batch="batch_cnndm_1")) + "\n")
-    args = td.Args(sft_dataset=str(sft_dir), preference_dataset=str(cmp_dir), base_model=gpt2_tokenizer_dir, out_dir=str(tmp_path / "out"))
+    args = td.Args(sft_dataset=str(sft_dir), preference_dataset=str(cmp_dir), base_model=gpt2_tokenizer_dir, output_dir=str(tmp_path / "out"))
     meta = td.build(args)
     assert meta["counts"]["sft/train"] == 2 and meta["dropped"]["sft/train"] == {"empty post": 1}
     assert meta["counts"]["preference/validation"] == 1 and meta["counts"]["preference/validation_cnndm"] == 1
@@ -162,7 +162,7 @@ def test_detail6_build_from_local_files(tok, gpt2_tokenizer_dir, tmp_path):
     assert set(sft) == {"train", "validation", "test"}
     assert set(pref) == {"train", "validation", "train_cnndm", "validation_cnndm"}
     assert sft["train"][1]["summary"] == SHORT_ROW["summary"]
-    assert json.load(open(os.path.join(args.out_dir, "meta.json")))["query_length"] == 512
+    assert json.load(open(os.path.join(args.output_dir, "meta.json")))["query_length"] == 512
 
 
 def test_cli_help_names_task_dir_and_comparisons_dir():
