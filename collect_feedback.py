@@ -14,7 +14,7 @@ calibrated noise, the same rater that labelled the generated comparisons) choose
 the preference set that `reward.py` reads.
 
     python collect_feedback.py --task_dir runs/quickstart/task --policy_path runs/quickstart/sft \
-        --out_dir runs/quickstart/feedback
+        --output_dir runs/quickstart/feedback
 """
 
 import json
@@ -40,7 +40,7 @@ class Args:
     """embedded task folder (raw comparisons, gold records, the rater's temperature in task.json)"""
     policy_path: str = "runs/quickstart/sft"
     """the policy whose samples are compared (sft.py's output)"""
-    out_dir: str = "runs/quickstart/feedback"
+    output_dir: str = "runs/quickstart/feedback"
     """where comparisons_{train,validation}.jsonl and feedback.json are written"""
     num_train_posts: int = 2500
     """posts of the task's comparison training split to sample (one pair each)"""
@@ -137,21 +137,21 @@ def main(args: Args) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(args.policy_path)
     tokenizer.add_special_tokens({"pad_token": "[PAD]"})  # Detail 3: every stage's [PAD] (the SFT policy's has it)
     model = AutoModelForCausalLM.from_pretrained(args.policy_path).eval()
-    os.makedirs(args.out_dir, exist_ok=True)
+    os.makedirs(args.output_dir, exist_ok=True)
     summary: Dict[str, object] = dict(args=asdict(args), rater_temperature=temperature)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as progress:
         for split, n in (("train", args.num_train_posts), ("validation", args.num_validation_posts)):
             rows, stats = collect(args, split, n, model, tokenizer, records, temperature, progress)
-            et.write_jsonl(os.path.join(args.out_dir, f"comparisons_{split}.jsonl"), rows)
+            et.write_jsonl(os.path.join(args.output_dir, f"comparisons_{split}.jsonl"), rows)
             summary[split] = stats
     summary["seconds"] = time.time() - t0
-    with open(os.path.join(args.out_dir, "feedback.json"), "w") as f:
+    with open(os.path.join(args.output_dir, "feedback.json"), "w") as f:
         json.dump(summary, f, indent=2)
     tr = summary["train"]
     console.print(f"feedback: {tr['n']} training pairs of policy samples (label agreement with gold "
                   f"{tr['label_agreement']:.3f}, {tr['identical_pairs_skipped']} identical skipped); "
-                  f"{summary['validation']['n']} validation pairs; {summary['seconds']:.0f}s -> {args.out_dir}")
+                  f"{summary['validation']['n']} validation pairs; {summary['seconds']:.0f}s -> {args.output_dir}")
     return summary
 
 

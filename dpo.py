@@ -26,7 +26,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Dict, Optional
 
 import numpy as np
@@ -47,12 +47,17 @@ class Args:
     preset: str = "paper"
     """`paper` (the defaults below) or `embedded` (the offline task on CPU); explicit flags override it"""
     exp_name: str = "dpo"
-    seed: int = 1
-    sft_model_path: str = "models/sft_pythia-1b-deduped"
-    """the SFT policy written by sft.py: the initial policy AND the frozen reference (Detail 32)"""
+    seed: int = 44413
+    """the first of the paper's seeds (44413, 55513, 66613, 77713)"""
+    base_model: str = "EleutherAI/pythia-1b-deduped"
+    """names the default folders below (the SFT model trained from it)"""
+    sft_model_path: Optional[str] = None
+    """the SFT policy written by sft.py: the initial policy AND the frozen reference (Detail 32); None:
+    models/sft_{base model name}"""
     dataset_path: str = "data/tldr"
     """folder written by tldr_dataset.py (holds sft/, preference/, meta.json)"""
-    output_dir: str = "models/dpo_pythia-1b-deduped"
+    output_dir: Optional[str] = None
+    """None: models/dpo_{base model name}"""
     beta: float = 0.05
     """Detail 32: the KL coefficient of the DPO loss and of the implicit reward"""
     lr: float = 3e-6
@@ -60,9 +65,9 @@ class Args:
     eps: float = 1e-5
     """Detail 8: AdamW epsilon"""
     total_batch_size: int = 64
-    """Detail 32: pairs per update over all processes (= per_device_batch_size x accumulation x processes)"""
-    per_device_batch_size: int = 8
-    num_epochs: int = 1
+    """Detail 32: pairs per update over all processes (= per_device_train_batch_size x accumulation x processes)"""
+    per_device_train_batch_size: int = 8
+    num_train_epochs: int = 1
     """Detail 32: one epoch over the preference training pairs"""
     num_train_pairs: Optional[int] = None
     """use only the first N training pairs (None: all)"""
@@ -92,13 +97,14 @@ class Args:
     """continue from `{output_dir}/checkpoint`"""
     track: bool = False
     """log to wandb (WANDB_MODE=offline works without network)"""
-    wandb_project: str = "tldr-rlhf"
+    wandb_project_name: str = "tldr_rlhf"
 
 
 PRESETS = {
     "paper": Args(),
     "embedded": Args(
         preset="embedded",
+        seed=1,
         sft_model_path="runs/quickstart/sft",
         dataset_path="runs/quickstart/dataset",
         output_dir="runs/quickstart/dpo",
@@ -107,7 +113,7 @@ PRESETS = {
         # 0.608 on that SFT but 0.56 with degenerate, repetitive samples on another; 1e-3 -> val loss above log 2.
         lr=1e-4,
         total_batch_size=32,
-        per_device_batch_size=16,
+        per_device_train_batch_size=16,
         num_train_pairs=1024,  # about 2-3 CPU minutes; the full 5,980 pairs take ~6x longer
         eval_every=0,
         num_val_pairs=500,
@@ -130,7 +136,19 @@ def parse_args(argv=None) -> Args:
             name = a.split("=", 1)[1]
     if name not in PRESETS:
         raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {name!r}")
-    return tyro.cli(Args, default=PRESETS[name], args=argv)
+    return default_paths(tyro.cli(Args, default=PRESETS[name], args=argv))
+
+
+def model_name(base_model: str) -> str:
+    """`EleutherAI/pythia-1b-deduped` -> `pythia-1b-deduped`: the stages name their default folders after it."""
+    return os.path.basename(os.path.normpath(base_model))
+
+
+def default_paths(args: Args) -> Args:
+    # every stage derives the same folders from --base_model, so the stages find each other without path flags
+    name = model_name(args.base_model)
+    return replace(args, sft_model_path=args.sft_model_path or os.path.join("models", f"sft_{name}"),
+                   output_dir=args.output_dir or os.path.join("models", f"dpo_{name}"))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -413,12 +431,59 @@ def set_seed(seed: int):
     torch.manual_seed(seed)
 
 
+def make_accelerator(**kwargs) -> Accelerator:
+    """The Accelerator for `python X.py`, `accelerate launch` (DDP) and `accelerate launch --config_file
+    deepspeed_zero2.yaml` (Detail 30), on GPUs or on a CPU-only machine."""
+    from accelerate.utils import InitProcessGroupKwargs
+
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    launched = int(os.environ.get("LOCAL_RANK", -1)) != -1
+    handlers = []
+    if deepspeed and launched and not torch.cuda.is_available():
+        # accelerate names no process-group backend for DeepSpeed without CUDA and then reports 1 process while
+        # DeepSpeed runs WORLD_SIZE of them (wrong batch arithmetic); naming gloo makes it read the real world size
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    # without CUDA (and without DeepSpeed, which has its own CPU accelerator) a launched run is DDP over gloo
+    accelerator = Accelerator(cpu=not torch.cuda.is_available() and not deepspeed, kwargs_handlers=handlers, **kwargs)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != world:
+        raise RuntimeError(f"WORLD_SIZE={world} but accelerate runs {accelerator.num_processes} process(es)")
+    return accelerator
+
+
+def configure_deepspeed(accelerator: Accelerator, micro_batch: int, grad_accum: int):
+    """Detail 30: DeepSpeed checks train_batch_size == micro-batch x accumulation x processes. Give it our batch
+    arithmetic before `prepare` instead of leaving 'auto' to accelerate (it takes the micro-batch from the prepared
+    dataloaders, the smallest one, and the accumulation from the Accelerator)."""
+    accelerator.gradient_accumulation_steps = grad_accum
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:
+        plugin.deepspeed_config.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=grad_accum,
+                                       train_batch_size=micro_batch * grad_accum * accelerator.num_processes)
+
+
+def prepare_reference(ref_model: nn.Module, accelerator: Accelerator) -> nn.Module:
+    """Detail 32: the frozen reference on the accelerator. Under DeepSpeed a plain inference engine in the training
+    engine's precision (bf16 with the ZeRO-2 config), so that policy and reference compute the same log-probabilities
+    at the first update, and outside accelerate's models (its checkpoints hold the trained engine only)."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return accelerator.prepare_model(ref_model, evaluation_mode=True)
+    import deepspeed
+
+    bf16 = plugin.deepspeed_config.get("bf16", {}).get("enabled", False) is True or accelerator.mixed_precision == "bf16"
+    config = {"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": bf16}, "zero_optimization": {"stage": 0}}
+    engine, *_ = deepspeed.initialize(model=ref_model, config=config)  # 1: required by DeepSpeed, unused here
+    engine.eval()
+    return engine
+
+
 def check_batch_arithmetic(args: Args, world_size: int) -> int:
-    per_step = args.per_device_batch_size * world_size
+    per_step = args.per_device_train_batch_size * world_size
     if args.total_batch_size % per_step != 0:
         raise ValueError(
-            f"total_batch_size={args.total_batch_size} is not divisible by per_device_batch_size="
-            f"{args.per_device_batch_size} x processes={world_size} (= {per_step})"
+            f"total_batch_size={args.total_batch_size} is not divisible by per_device_train_batch_size="
+            f"{args.per_device_train_batch_size} x processes={world_size} (= {per_step})"
         )
     return args.total_batch_size // per_step
 
@@ -428,9 +493,9 @@ if __name__ == "__main__":
 
     args = parse_args()
     use_bf16 = args.bf16 and torch.cuda.is_available()
-    accelerator = Accelerator(mixed_precision="bf16" if use_bf16 else "no")
+    accelerator = make_accelerator(mixed_precision="bf16" if use_bf16 else "no")
     grad_accum = check_batch_arithmetic(args, accelerator.num_processes)
-    accelerator.gradient_accumulation_steps = grad_accum
+    configure_deepspeed(accelerator, args.per_device_train_batch_size, grad_accum)
     os.makedirs(args.output_dir, exist_ok=True)
     if accelerator.is_main_process:
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
@@ -474,7 +539,7 @@ if __name__ == "__main__":
     set_seed(args.seed)  # Detail 10: identical model initialisation on every process
     model = load_policy(args.sft_model_path, tokenizer)  # Detail 32: the policy starts from the SFT model
     ref_model = load_reference(args.sft_model_path, tokenizer)  # Detail 32: frozen SFT reference, eval mode
-    ref_model = accelerator.prepare_model(ref_model, evaluation_mode=True)
+    ref_model = prepare_reference(ref_model, accelerator)
     metrics = {}
 
     # The reference is frozen: its validation log-probabilities are computed once.
@@ -494,9 +559,9 @@ if __name__ == "__main__":
         console.print(f"reference (SFT) policy: gold win rate {ref_metrics['sft_gold_win_rate']:.3f}")
 
     generator = torch.Generator().manual_seed(args.seed)
-    loader = torch.utils.data.DataLoader(train.with_format("torch", columns=PAIR_COLUMNS), batch_size=args.per_device_batch_size,
+    loader = torch.utils.data.DataLoader(train.with_format("torch", columns=PAIR_COLUMNS), batch_size=args.per_device_train_batch_size,
                                          shuffle=True, drop_last=True, generator=generator)
-    num_updates = args.num_epochs * (len(train) // args.total_batch_size)
+    num_updates = args.num_train_epochs * (len(train) // args.total_batch_size)
     if num_updates == 0:
         raise ValueError(f"preference train split has {len(train)} pairs, fewer than one update of total_batch_size={args.total_batch_size}")
     optimizer, scheduler = make_optimizer(model, args, num_updates)
@@ -515,11 +580,11 @@ if __name__ == "__main__":
     if args.track and accelerator.is_main_process:
         import wandb
 
-        wandb.init(project=args.wandb_project, name=f"{args.exp_name}_{args.seed}", config=asdict(args))
+        wandb.init(project=args.wandb_project_name, name=f"{args.exp_name}_{args.seed}", config=asdict(args))
     log = open(os.path.join(args.output_dir, "metrics.jsonl"), "a" if args.resume else "w") if accelerator.is_main_process else None
 
     model.train()
-    micro_per_epoch = num_updates // args.num_epochs * grad_accum
+    micro_per_epoch = num_updates // args.num_train_epochs * grad_accum
     stat_keys = ["loss", "reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward", "chosen_logprob", "rejected_logprob"]
     progress = Progress(TextColumn("[bold]DPO"), BarColumn(), TextColumn("{task.completed}/{task.total} updates"),
                         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
@@ -529,7 +594,7 @@ if __name__ == "__main__":
         task = progress.add_task("dpo", total=num_updates, completed=update, info="")
         micro = update * grad_accum
         sums = torch.zeros(len(stat_keys), device=accelerator.device)
-        for epoch in range(args.num_epochs):
+        for epoch in range(args.num_train_epochs):
             if micro >= (epoch + 1) * micro_per_epoch:
                 continue
             if hasattr(loader, "set_epoch"):

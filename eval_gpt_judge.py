@@ -53,17 +53,21 @@ class Args:
     preset: str = "paper"
     """preset of defaults: `paper` (OpenAI judge) or `embedded` (offline gold judge)"""
     exp_name: str = "eval_gpt_judge"
-    seed: int = 1
-    """seed of the per-item A/B order (and of generation with --model_path)"""
-    output_dir: str = "runs/eval_gpt_judge"
+    seed: int = 44413
+    """seed of the per-item A/B order (and of generation with --model_path); the first of the paper's seeds"""
+    output_dir: Optional[str] = None
+    """None: `judge/` next to the judged samples (models/ppo_{base model name}/judge by default)"""
     track: bool = False
     """log the metrics to wandb"""
     wandb_project_name: str = "tldr_rlhf"
     wandb_entity: Optional[str] = None
 
     # ---- inputs ----
+    base_model: str = "EleutherAI/pythia-1b-deduped"
+    """names the default input: without --samples and --model_path, ppo.py's models/ppo_{base model name}"""
     samples: Optional[str] = None
-    """eval_samples.jsonl of the candidate model (id, query, response, reference, *_token_len)"""
+    """eval_samples.jsonl of the candidate model (id, query, response, reference, *_token_len); None (and no
+    --model_path): models/ppo_{base model name}/eval_samples.jsonl, written by ppo.py"""
     compare_samples: Optional[str] = None
     """a second model's eval_samples.jsonl (e.g. SFT when --samples is PPO): paired comparison"""
     head_to_head: bool = False
@@ -124,8 +128,22 @@ class Args:
 
 PRESETS = {
     "paper": Args(),
-    "embedded": Args(preset="embedded", judge="gold", output_dir="runs/quickstart/judge", generation_batch_size=64),
+    "embedded": Args(preset="embedded", seed=1, judge="gold", output_dir="runs/quickstart/judge", generation_batch_size=64),
 }
+
+
+def model_name(base_model: str) -> str:
+    """`EleutherAI/pythia-1b-deduped` -> `pythia-1b-deduped`: the stages name their default folders after it."""
+    return os.path.basename(os.path.normpath(base_model))
+
+
+def default_paths(args: Args) -> Args:
+    # the stages derive the same folders from --base_model: by default the judge reads what ppo.py wrote
+    samples = args.samples
+    if samples is None and args.model_path is None:
+        samples = os.path.join("models", f"ppo_{model_name(args.base_model)}", "eval_samples.jsonl")
+    output_dir = args.output_dir or os.path.join(os.path.dirname(samples) if samples else args.model_path, "judge")
+    return dataclasses.replace(args, samples=samples, output_dir=output_dir)
 
 
 def parse_args(argv: Optional[list[str]] = None) -> Args:
@@ -138,7 +156,7 @@ def parse_args(argv: Optional[list[str]] = None) -> Args:
             name = a.split("=", 1)[1]
     if name not in PRESETS:
         raise ValueError(f"--preset: unknown preset {name!r}, choose from {sorted(PRESETS)}")
-    return tyro.cli(Args, default=PRESETS[name], args=argv, use_underscores=True)
+    return default_paths(tyro.cli(Args, default=PRESETS[name], args=argv, use_underscores=True))
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -51,25 +51,31 @@ class Args:
     # experiment
     exp_name: str = "ppo"
     """name of this experiment (wandb run name prefix)"""
-    seed: int = 1
-    """seed: model init is identical on all processes, sampling uses seed + rank * 100003 (Detail 10)"""
+    seed: int = 44413
+    """the first of the paper's seeds (44413, 55513, 66613, 77713): model init is identical on all processes, sampling uses seed + rank * 100003 (Detail 10)"""
     preset: str = "paper"
     """'paper' (Pythia 1B, Detail 29), 'paper-2.8b', 'paper-6.9b', or 'embedded' (tiny CPU task)"""
     track: bool = False
     """log to Weights & Biases"""
     wandb_project_name: str = "tldr_rlhf"
     wandb_entity: Optional[str] = None
-    output_dir: str = "runs/paper/ppo"
-    """metrics.jsonl, metrics.json, eval_samples.jsonl, checkpoints/ and the final policy go here"""
+    output_dir: Optional[str] = None
+    """metrics.jsonl, metrics.json, eval_samples.jsonl, checkpoints/ and the final policy go here; None:
+    models/ppo_{base model name} (where eval_gpt_judge.py looks)"""
     num_threads: Optional[int] = None
     """torch.set_num_threads (CPU runs)"""
 
     # models and data
-    sft_model_path: str = "runs/paper/sft"
-    """policy and reference policy start from here (save_pretrained dir of sft.py, with its tokenizer)"""
-    reward_model_path: str = "runs/paper/rm"
-    """reward model and value model start from here (ScalarModel dir of reward.py)"""
-    dataset_path: str = "runs/paper/dataset"
+    base_model: str = "EleutherAI/pythia-1b-deduped"
+    """the base model of the SFT and reward models: names the default folders; a Pythia size without --preset picks
+    that size's preset (pythia-2.8b-deduped: paper-2.8b, pythia-6.9b-deduped: paper-6.9b)"""
+    sft_model_path: Optional[str] = None
+    """policy and reference policy start from here (save_pretrained dir of sft.py, with its tokenizer); None:
+    models/sft_{base model name}"""
+    reward_model_path: Optional[str] = None
+    """reward model and value model start from here (ScalarModel dir of reward.py); None: models/reward_{base
+    model name}"""
+    dataset_path: str = "data/tldr"
     """tldr_dataset.py output: {dataset_path}/sft with query_token (left-padded)"""
     gold_task_dir: Optional[str] = None
     """embedded task only: the gold judge gives the win rate against the references at evaluation"""
@@ -78,13 +84,13 @@ class Args:
 
     # batch arithmetic (Detail 29)
     total_episodes: int = 1_000_000
-    """number of (query, response) episodes in the run; num_updates = total_episodes // batch_size"""
-    batch_size: int = 512
+    """number of (query, response) episodes in the run; num_updates = total_episodes // total_batch_size"""
+    total_batch_size: int = 512
     """episodes per update, summed over all processes"""
     per_device_train_batch_size: int = 16
     """micro-batch per process in the PPO epochs (1B: 16, 2.8B: 4, 6.9B: 1)"""
     gradient_accumulation_steps: Optional[int] = None
-    """micro-batches per optimizer step; derived as batch_size / (processes * micro-batch * num_mini_batches)
+    """micro-batches per optimizer step; derived as total_batch_size / (processes * micro-batch * num_mini_batches)
     when None (1B on 8 GPUs: 4), else checked against that"""
     num_mini_batches: int = 1
     """optimizer steps per PPO epoch"""
@@ -161,17 +167,20 @@ class Args:
 PRESETS = {
     "paper": Args(),
     # Detail 29: per-size micro-batch x accumulation on 8 GPUs and rollout forward batch
-    "paper-2.8b": Args(per_device_train_batch_size=4, local_rollout_forward_batch_size=32),
-    "paper-6.9b": Args(per_device_train_batch_size=1, local_rollout_forward_batch_size=4, offload=True),
+    "paper-2.8b": Args(base_model="EleutherAI/pythia-2.8b-deduped", per_device_train_batch_size=4,
+                       local_rollout_forward_batch_size=32),
+    "paper-6.9b": Args(base_model="EleutherAI/pythia-6.9b-deduped", per_device_train_batch_size=1,
+                       local_rollout_forward_batch_size=4, offload=True),
     # tiny models on 2 CPU cores: small batches, a larger lr (the tiny models need it), few updates
     "embedded": Args(
+        seed=1,
         output_dir="runs/quickstart/ppo",
         sft_model_path="runs/quickstart/sft",
         reward_model_path="runs/quickstart/rm",
         dataset_path="runs/quickstart/dataset",
         total_episodes=2560,  # 80 updates of 32 episodes: ~170 s on 2 idle CPU cores (quickstart: gold win rate 0.06 vs
         # 0.035 after 40 updates: the policy starts to leave out the feeling it cannot copy, which the RM prefers)
-        batch_size=32,
+        total_batch_size=32,
         per_device_train_batch_size=16,
         num_mini_batches=2,  # 2 optimizer steps per PPO epoch
         num_ppo_epochs=2,  # fewer passes than the paper's 4: the training passes dominate the CPU time
@@ -188,17 +197,35 @@ PRESETS = {
 
 
 def parse_args(argv: Optional[list] = None) -> Args:
-    """Peek --preset, then let tyro parse the rest with that preset as the defaults."""
+    """Peek --preset (or, without it, the preset of --base_model's size), then let tyro parse the rest with that
+    preset as the defaults; the folders left unset are derived from the base model."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    name = "paper"
+    name = None
     for i, a in enumerate(argv):
         if a == "--preset" and i + 1 < len(argv):
             name = argv[i + 1]
         elif a.startswith("--preset="):
             name = a.split("=", 1)[1]
+        elif name is None and (a == "--base_model" and i + 1 < len(argv) or a.startswith("--base_model=")):
+            model = argv[i + 1] if a == "--base_model" else a.split("=", 1)[1]
+            name = next((k for k, p in PRESETS.items() if k.startswith("paper") and p.base_model == model), None)
+    name = name or "paper"
     if name not in PRESETS:
         raise ValueError(f"--preset {name!r} unknown; choose one of {sorted(PRESETS)}")
-    return tyro.cli(Args, default=replace(PRESETS[name], preset=name), args=argv)
+    return default_paths(tyro.cli(Args, default=replace(PRESETS[name], preset=name), args=argv))
+
+
+def model_name(base_model: str) -> str:
+    """`EleutherAI/pythia-1b-deduped` -> `pythia-1b-deduped`: the stages name their default folders after it."""
+    return os.path.basename(os.path.normpath(base_model))
+
+
+def default_paths(args: Args) -> Args:
+    # every stage derives the same folders from --base_model, so the stages find each other without path flags
+    name = model_name(args.base_model)
+    return replace(args, sft_model_path=args.sft_model_path or os.path.join("models", f"sft_{name}"),
+                   reward_model_path=args.reward_model_path or os.path.join("models", f"reward_{name}"),
+                   output_dir=args.output_dir or os.path.join("models", f"ppo_{name}"))
 
 
 @dataclass
@@ -211,32 +238,32 @@ class BatchSizes:
 
 
 def batch_arithmetic(args: Args, world_size: int) -> BatchSizes:
-    """Detail 29: batch_size = processes x micro-batch x accumulation x minibatches; reject what does not divide."""
+    """Detail 29: total_batch_size = processes x micro-batch x accumulation x minibatches; reject what does not divide."""
     micro, nmb = args.per_device_train_batch_size, args.num_mini_batches
-    for name in ("batch_size", "per_device_train_batch_size", "num_mini_batches", "num_ppo_epochs",
+    for name in ("total_batch_size", "per_device_train_batch_size", "num_mini_batches", "num_ppo_epochs",
                  "local_rollout_forward_batch_size", "response_length", "total_episodes"):
         if getattr(args, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(args, name)}")
     per_step = world_size * micro * nmb
-    if args.batch_size % per_step:
+    if args.total_batch_size % per_step:
         raise ValueError(
-            f"batch_size ({args.batch_size}) does not divide into num_processes ({world_size}) x "
+            f"total_batch_size ({args.total_batch_size}) does not divide into num_processes ({world_size}) x "
             f"per_device_train_batch_size ({micro}) x num_mini_batches ({nmb}) = {per_step}: "
-            f"{args.batch_size} % {per_step} = {args.batch_size % per_step}")
-    ga = args.batch_size // per_step
+            f"{args.total_batch_size} % {per_step} = {args.total_batch_size % per_step}")
+    ga = args.total_batch_size // per_step
     if args.gradient_accumulation_steps is not None and args.gradient_accumulation_steps != ga:
         raise ValueError(
-            f"gradient_accumulation_steps ({args.gradient_accumulation_steps}) is inconsistent: batch_size "
-            f"({args.batch_size}) / (num_processes ({world_size}) x per_device_train_batch_size ({micro}) x "
+            f"gradient_accumulation_steps ({args.gradient_accumulation_steps}) is inconsistent: total_batch_size "
+            f"({args.total_batch_size}) / (num_processes ({world_size}) x per_device_train_batch_size ({micro}) x "
             f"num_mini_batches ({nmb})) = {ga}")
-    local_batch_size = args.batch_size // world_size
+    local_batch_size = args.total_batch_size // world_size
     if local_batch_size % args.local_rollout_forward_batch_size:
         raise ValueError(
-            f"local batch (batch_size {args.batch_size} / num_processes {world_size} = {local_batch_size}) does "
+            f"local batch (total_batch_size {args.total_batch_size} / num_processes {world_size} = {local_batch_size}) does "
             f"not divide by local_rollout_forward_batch_size ({args.local_rollout_forward_batch_size})")
-    if args.total_episodes < args.batch_size:
-        raise ValueError(f"total_episodes ({args.total_episodes}) is smaller than batch_size ({args.batch_size})")
-    return BatchSizes(world_size, ga, local_batch_size, local_batch_size // nmb, args.total_episodes // args.batch_size)
+    if args.total_episodes < args.total_batch_size:
+        raise ValueError(f"total_episodes ({args.total_episodes}) is smaller than total_batch_size ({args.total_batch_size})")
+    return BatchSizes(world_size, ga, local_batch_size, local_batch_size // nmb, args.total_episodes // args.total_batch_size)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -538,6 +565,12 @@ def prepare_inference_model(model: nn.Module, accelerator: Accelerator, offload:
     return model.to(model.input_device)
 
 
+def zero_stages(*models) -> Optional[list]:
+    """The ZeRO stage of each DeepSpeed engine (None when not under DeepSpeed), recorded in args.json."""
+    stages = [m.zero_optimization_stage() for m in models if hasattr(m, "zero_optimization_stage")]
+    return stages or None
+
+
 def model_device(model: nn.Module) -> torch.device:
     """Where a model's inputs must be (set by prepare_inference_model; else where its weights are)."""
     return getattr(model, "input_device", None) or next(model.parameters()).device
@@ -680,15 +713,43 @@ def evaluate(args, accelerator, policy, reward_model, tokenizer, eval_data, judg
 # ----------------------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------------------
+def make_accelerator(**kwargs) -> Accelerator:
+    """The Accelerator for `python X.py`, `accelerate launch` (DDP) and `accelerate launch --config_file
+    deepspeed_zero2.yaml` (Detail 30), on GPUs or on a CPU-only machine."""
+    from accelerate.utils import InitProcessGroupKwargs
+
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    launched = int(os.environ.get("LOCAL_RANK", -1)) != -1
+    handlers = []
+    if deepspeed and launched and not torch.cuda.is_available():
+        # accelerate names no process-group backend for DeepSpeed without CUDA and then reports 1 process while
+        # DeepSpeed runs WORLD_SIZE of them (wrong batch arithmetic); naming gloo makes it read the real world size
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    # without CUDA (and without DeepSpeed, which has its own CPU accelerator) a launched run is DDP over gloo
+    accelerator = Accelerator(cpu=not torch.cuda.is_available() and not deepspeed, kwargs_handlers=handlers, **kwargs)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != world:
+        raise RuntimeError(f"WORLD_SIZE={world} but accelerate runs {accelerator.num_processes} process(es)")
+    return accelerator
+
+
+def configure_deepspeed(accelerator: Accelerator, micro_batch: int, grad_accum: int):
+    """Detail 30: DeepSpeed checks train_batch_size == micro-batch x accumulation x processes. Give it our batch
+    arithmetic before `prepare` instead of leaving 'auto' to accelerate (it takes the micro-batch from the prepared
+    dataloaders, the smallest one, and the accumulation from the Accelerator)."""
+    accelerator.gradient_accumulation_steps = grad_accum
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:
+        plugin.deepspeed_config.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=grad_accum,
+                                       train_batch_size=micro_batch * grad_accum * accelerator.num_processes)
+
+
 def main(args: Args):
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     sizes = batch_arithmetic(args, world_size)  # fail before any model is loaded
-    accelerator = Accelerator(gradient_accumulation_steps=sizes.gradient_accumulation_steps,
-                              cpu=not torch.cuda.is_available())
-    if accelerator.num_processes != world_size:
-        sizes = batch_arithmetic(args, accelerator.num_processes)
+    accelerator = make_accelerator()
     console = Console(force_terminal=False) if accelerator.is_main_process else Console(quiet=True)
     rank = accelerator.process_index
     os.makedirs(args.output_dir, exist_ok=True)
@@ -704,8 +765,8 @@ def main(args: Args):
         if split not in data or "query_token" not in data[split].column_names:
             raise ValueError(f"{sft_dir}: split {split!r} with a 'query_token' column is required")
     train_queries = torch.tensor(data["train"]["query_token"], dtype=torch.long)
-    if train_queries.size(0) < args.batch_size:
-        raise ValueError(f"{sft_dir} train has {train_queries.size(0)} rows, fewer than batch_size {args.batch_size}")
+    if train_queries.size(0) < args.total_batch_size:
+        raise ValueError(f"{sft_dir} train has {train_queries.size(0)} rows, fewer than total_batch_size {args.total_batch_size}")
     val = data["validation"]
     n_eval = len(val) if args.num_eval_samples is None else min(args.num_eval_samples, len(val))
     val = val.select(range(n_eval))
@@ -731,9 +792,8 @@ def main(args: Args):
     # Detail 9: linear decay, lr at update u (1-based) of U = (1 - (u - 1) / U) * lr; stepped once per update
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda done: 1.0 - done / sizes.num_updates if args.anneal_lr else 1.0)
-    if accelerator.state.deepspeed_plugin is not None:  # no dataloader is prepared: give DeepSpeed the micro-batch
-        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = (
-            args.per_device_train_batch_size)
+    # no dataloader is prepared: DeepSpeed gets the micro-batch and accumulation of one optimizer step (Detail 29)
+    configure_deepspeed(accelerator, args.per_device_train_batch_size, sizes.gradient_accumulation_steps)
     model, optimizer = accelerator.prepare(model, optimizer)  # Detail 30: ZeRO-2 bf16 engine under DeepSpeed
     accelerator.register_for_checkpointing(scheduler)
     ref_policy = prepare_inference_model(ref_policy, accelerator, args.offload)
@@ -759,9 +819,9 @@ def main(args: Args):
             accelerator.load_state(ckpt)  # weights, optimizer, scheduler, RNG states of this process
             state = json.load(open(os.path.join(ckpt, "trainer_state.json")))
             start_update = state["update"]
-            if state["num_updates"] != sizes.num_updates or state["batch_size"] != args.batch_size:
-                raise ValueError(f"{ckpt} was written with num_updates {state['num_updates']} / batch_size "
-                                 f"{state['batch_size']}; this run has {sizes.num_updates} / {args.batch_size}")
+            if state["num_updates"] != sizes.num_updates or state["total_batch_size"] != args.total_batch_size:
+                raise ValueError(f"{ckpt} was written with num_updates {state['num_updates']} / total_batch_size "
+                                 f"{state['total_batch_size']}; this run has {sizes.num_updates} / {args.total_batch_size}")
             if os.path.isfile(metrics_path):
                 metrics_history = [json.loads(l) for l in open(metrics_path)]
                 metrics_history = [m for m in metrics_history if m["update"] <= start_update]
@@ -770,7 +830,8 @@ def main(args: Args):
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
             json.dump({**asdict(args), "num_processes": accelerator.num_processes,
                        "gradient_accumulation_steps": sizes.gradient_accumulation_steps,
-                       "num_updates": sizes.num_updates}, f, indent=1)
+                       "num_updates": sizes.num_updates, "zero_stages": zero_stages(model, ref_policy, reward_model)},
+                      f, indent=1)
         with open(metrics_path, "w") as f:
             f.writelines(json.dumps(m) + "\n" for m in metrics_history)
         pprint({**asdict(sizes)})
@@ -808,7 +869,7 @@ def main(args: Args):
     model.train()
     for update in range(start_update + 1, sizes.num_updates + 1):
         # ============ rollout ============
-        idx = update_batch_indices(update - 1, train_queries.size(0), args.batch_size, args.seed)
+        idx = update_batch_indices(update - 1, train_queries.size(0), args.total_batch_size, args.seed)
         queries = train_queries[idx[rank * sizes.local_batch_size : (rank + 1) * sizes.local_batch_size]]
         if args.trim_query_padding:
             queries = trim_left_padding(queries, pad_id)
@@ -922,10 +983,10 @@ def main(args: Args):
                                     torch.maximum(first_mb[0] - 1.0, 1.0 - first_mb[1]).max()])
             ratio_max, neg_ratio_min, first_mb_dev = accelerator.reduce(extremes, "max").tolist()
         phase_time = {"time/generation": t1 - t0, "time/rollout_forward": t2 - t1, "time/training": t3 - t2}
-        episodes = update * args.batch_size
+        episodes = update * args.total_batch_size
         metrics = {"update": update, "episodes": episodes, **dict(zip(keys, reduced)), "val/ratio_max": ratio_max,
                    "val/ratio_min": -neg_ratio_min, "debug/first_minibatch_ratio_dev": first_mb_dev,
-                   "lr": lr_used, "eps": args.batch_size / (t3 - t0), **phase_time}
+                   "lr": lr_used, "eps": args.total_batch_size / (t3 - t0), **phase_time}
 
         # ============ evaluation, checkpoint ============
         if (args.eval_every and update % args.eval_every == 0) or update == sizes.num_updates:  # Detail 31
@@ -946,7 +1007,7 @@ def main(args: Args):
         if args.save_every and (update % args.save_every == 0) and update < sizes.num_updates:
             save_checkpoint(accelerator, args.output_dir, f"update_{update:06d}",
                             {"update": update, "episodes": episodes, "data_position": episodes,
-                             "num_updates": sizes.num_updates, "batch_size": args.batch_size}, args.keep_checkpoints)
+                             "num_updates": sizes.num_updates, "total_batch_size": args.total_batch_size}, args.keep_checkpoints)
             if update == args.debug_stop_after_update:
                 progress.stop()
                 console.print(f"[debug] stopping after the checkpoint of update {update}")
@@ -964,10 +1025,10 @@ def main(args: Args):
             "final_rm_score": last["objective/rm_scores"],
             "final_non_eos_rate": last["objective/non_eos_rate"],
             "final_response_length": last["objective/response_length"],
-            "episodes_per_second": sum(args.batch_size for _ in trained) / max(
+            "episodes_per_second": sum(args.total_batch_size for _ in trained) / max(
                 1e-9, sum(m["time/generation"] + m["time/rollout_forward"] + m["time/training"] for m in trained)),
             "num_updates": sizes.num_updates,
-            "episodes": sizes.num_updates * args.batch_size,
+            "episodes": sizes.num_updates * args.total_batch_size,
             "eval_rm_score": eval_metrics.get("eval/rm_score"),
             "eval_response_length": eval_metrics.get("eval/response_length"),
             "eval_non_eos_rate": eval_metrics.get("eval/non_eos_rate"),

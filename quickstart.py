@@ -77,14 +77,14 @@ def main(args: Args):
     common = ["--seed", str(args.seed)]
     commands = {
         "task": [py, "embedded_task.py", "--out_dir", task, "--seed", str(args.seed), "--sizes", args.size],
-        "data": [py, "tldr_dataset.py", "--source", "embedded", "--task_dir", task, "--out_dir", data],
+        "data": [py, "tldr_dataset.py", "--source", "embedded", "--task_dir", task, "--output_dir", data],
         "sft": [py, "sft.py", "--preset", "embedded", "--base_model", os.path.join(task, f"base-{args.size}"),
                 "--dataset_path", data, "--output_dir", sft, "--gold_task_dir", task, *common],
         # a round of rater comparisons on the SFT policy's own samples (collect_feedback.py explains why); the
         # reward model and PPO read the preference set built from them
-        "feedback": [[py, "collect_feedback.py", "--task_dir", task, "--policy_path", sft, "--out_dir", feedback, *common],
+        "feedback": [[py, "collect_feedback.py", "--task_dir", task, "--policy_path", sft, "--output_dir", feedback, *common],
                      [py, "tldr_dataset.py", "--source", "embedded", "--task_dir", task, "--comparisons_dir", feedback,
-                      "--out_dir", fdata]],
+                      "--output_dir", fdata]],
         "rm": [py, "reward.py", "--preset", "embedded", "--sft_model_path", sft, "--dataset_path", fdata,
                "--output_dir", rm, "--gold_task_dir", task, *common],
         "ppo": [py, "ppo.py", "--preset", "embedded", "--sft_model_path", sft, "--reward_model_path", rm,

@@ -82,13 +82,15 @@ class Args:
 
     # models and data
     base_model: str = "EleutherAI/pythia-1b-deduped"
-    """the pretrained base model the SFT model came from (recorded for provenance)"""
-    sft_model_path: str = "models/sft_pythia-1b-deduped"
-    """directory of the SFT policy written by sft.py (GPTNeoXForCausalLM + tokenizer); the RM trunk starts here"""
+    """the pretrained base model the SFT model came from (recorded for provenance; names the default folders)"""
+    sft_model_path: Optional[str] = None
+    """directory of the SFT policy written by sft.py (GPTNeoXForCausalLM + tokenizer); the RM trunk starts here.
+    None: models/sft_{base model name}"""
     dataset_path: str = "data/tldr"
     """directory written by tldr_dataset.py (holds sft/, preference/ and meta.json)"""
-    output_dir: str = "models/reward_pythia-1b-deduped"
-    """where the reward model, tokenizer, args.json and metrics.json are written"""
+    output_dir: Optional[str] = None
+    """where the reward model, tokenizer, args.json and metrics.json are written; None: models/reward_{base model
+    name} (where ppo.py looks)"""
 
     # optimisation (Details 8, 9, 16)
     lr: float = 3e-6
@@ -173,7 +175,19 @@ def parse_args(argv: Optional[List[str]] = None) -> Args:
             name = a.split("=", 1)[1]
     if name not in PRESETS:
         raise ValueError(f"--preset: unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    return tyro.cli(Args, default=PRESETS[name], args=argv)
+    return default_paths(tyro.cli(Args, default=PRESETS[name], args=argv))
+
+
+def model_name(base_model: str) -> str:
+    """`EleutherAI/pythia-1b-deduped` -> `pythia-1b-deduped`: the stages name their default folders after it."""
+    return os.path.basename(os.path.normpath(base_model))
+
+
+def default_paths(args: Args) -> Args:
+    # every stage derives the same folders from --base_model, so the stages find each other without path flags
+    name = model_name(args.base_model)
+    return replace(args, sft_model_path=args.sft_model_path or os.path.join("models", f"sft_{name}"),
+                   output_dir=args.output_dir or os.path.join("models", f"reward_{name}"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -564,6 +578,37 @@ def pairs_table(ds: Dataset, chosen: np.ndarray, rejected: np.ndarray, n: int, t
     return table
 
 
+def make_accelerator(**kwargs) -> Accelerator:
+    """The Accelerator for `python X.py`, `accelerate launch` (DDP) and `accelerate launch --config_file
+    deepspeed_zero2.yaml` (Detail 30), on GPUs or on a CPU-only machine."""
+    from accelerate.utils import InitProcessGroupKwargs
+
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    launched = int(os.environ.get("LOCAL_RANK", -1)) != -1
+    handlers = []
+    if deepspeed and launched and not torch.cuda.is_available():
+        # accelerate names no process-group backend for DeepSpeed without CUDA and then reports 1 process while
+        # DeepSpeed runs WORLD_SIZE of them (wrong batch arithmetic); naming gloo makes it read the real world size
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    # without CUDA (and without DeepSpeed, which has its own CPU accelerator) a launched run is DDP over gloo
+    accelerator = Accelerator(cpu=not torch.cuda.is_available() and not deepspeed, kwargs_handlers=handlers, **kwargs)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != world:
+        raise RuntimeError(f"WORLD_SIZE={world} but accelerate runs {accelerator.num_processes} process(es)")
+    return accelerator
+
+
+def configure_deepspeed(accelerator: Accelerator, micro_batch: int, grad_accum: int):
+    """Detail 30: DeepSpeed checks train_batch_size == micro-batch x accumulation x processes. Give it our batch
+    arithmetic before `prepare` instead of leaving 'auto' to accelerate (it takes the micro-batch from the prepared
+    dataloaders, the smallest one, and the accumulation from the Accelerator)."""
+    accelerator.gradient_accumulation_steps = grad_accum
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:
+        plugin.deepspeed_config.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=grad_accum,
+                                       train_batch_size=micro_batch * grad_accum * accelerator.num_processes)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------------------
@@ -579,10 +624,9 @@ def main(args: Args) -> Dict[str, float]:
         raise ValueError(f"total_batch_size {args.total_batch_size} is not divisible by per_device_train_batch_size "
                          f"{micro} x processes {world}")
     grad_accum = args.total_batch_size // (micro * world)
-    accelerator = Accelerator(gradient_accumulation_steps=grad_accum, mixed_precision=mixed,
-                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
-    if accelerator.num_processes != world:  # defensive: derive again from what accelerate reports
-        raise ValueError(f"WORLD_SIZE={world} but accelerate reports {accelerator.num_processes} processes")
+    accelerator = make_accelerator(mixed_precision=mixed,
+                                   dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    configure_deepspeed(accelerator, micro, grad_accum)
     console = Console(width=None if sys.stdout.isatty() else 150, quiet=not accelerator.is_main_process)
     run_name = args.run_name or f"{args.exp_name}__{args.seed}__{int(time.time())}"
     if accelerator.is_main_process:
@@ -774,8 +818,9 @@ def main(args: Args) -> Dict[str, float]:
         with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=2)
 
+    state_dict = accelerator.get_state_dict(model)  # every rank takes part (ZeRO-3 gathers the weights here)
     if accelerator.is_main_process:
-        unwrapped.save_pretrained(args.output_dir, save_function=accelerator.save)
+        unwrapped.save_pretrained(args.output_dir, save_function=accelerator.save, state_dict=state_dict)
         tokenizer.save_pretrained(args.output_dir)
         write_metrics()
 

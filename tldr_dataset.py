@@ -5,9 +5,9 @@ path) and for the embedded offline task (`--source embedded`, raw rows written b
 Everything below the loader is the same code.
 
     python tldr_dataset.py                                   # real data from the hub, Pythia tokenizer
-    python tldr_dataset.py --source embedded --task_dir runs/quickstart/task --out_dir runs/quickstart/dataset
+    python tldr_dataset.py --source embedded --task_dir runs/quickstart/task --output_dir runs/quickstart/dataset
 
-Output: `{out_dir}/sft` and `{out_dir}/preference` (`DatasetDict.save_to_disk`) and `{out_dir}/meta.json`
+Output: `{output_dir}/sft` and `{output_dir}/preference` (`DatasetDict.save_to_disk`) and `{output_dir}/meta.json`
 (lengths, token ids, row counts and every dropped row counted by reason).
 """
 
@@ -41,7 +41,8 @@ class Args:
     preference_dataset: str = "openai/summarize_from_feedback"
     """hub name or local folder of OpenAI's comparison rows"""
     preference_config: str = "comparisons"
-    out_dir: str = "data/tldr"
+    output_dir: str = "data/tldr"
+    """where sft/, preference/ and meta.json are written (every stage reads `--dataset_path data/tldr` by default)"""
     query_length: int = 512
     """Detail 2: the query holds at most this many tokens, left-padded to exactly this"""
     sft_response_length: int = 53
@@ -383,11 +384,11 @@ def build(args: Args):
             meta["counts"][f"{kind}/{split}"] = len(out)
             meta["dropped"][f"{kind}/{split}"] = dict(dropped)
         dd = datasets.DatasetDict(splits)
-        dd.save_to_disk(os.path.join(args.out_dir, kind))
+        dd.save_to_disk(os.path.join(args.output_dir, kind))
         if args.push_to_hub:
             dd.push_to_hub(f"{args.hub_repo}_{kind}")
-    tokenizer.save_pretrained(os.path.join(args.out_dir, "tokenizer"))
-    with open(os.path.join(args.out_dir, "meta.json"), "w") as f:
+    tokenizer.save_pretrained(os.path.join(args.output_dir, "tokenizer"))
+    with open(os.path.join(args.output_dir, "meta.json"), "w") as f:
         json.dump(meta, f, indent=2)
     return meta
 
@@ -411,16 +412,16 @@ def parse_args() -> Args:
         for k, v in EMBEDDED_LENGTHS.items():
             if f"--{k}" not in sys.argv and f"--{k.replace('_', '-')}" not in sys.argv:
                 setattr(args, k, v)
-        if args.out_dir == Args.out_dir:
-            args.out_dir = "runs/quickstart/dataset"
+        if args.output_dir == Args.output_dir:
+            args.output_dir = "runs/quickstart/dataset"
     return args
 
 
 if __name__ == "__main__":
     args = parse_args()
-    os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, "args.json"), "w") as f:
+    os.makedirs(args.output_dir, exist_ok=True)
+    with open(os.path.join(args.output_dir, "args.json"), "w") as f:
         json.dump(asdict(args), f, indent=2)
     meta = build(args)
     print_report(meta)
-    console.print(f"saved to {args.out_dir}")
+    console.print(f"saved to {args.output_dir}")

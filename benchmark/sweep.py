@@ -153,7 +153,7 @@ def real_commands(args: Args, size: str, seed: int, stages: List[str]) -> List[T
         cmds.append((run_name("sft", size, seed), accel(args, "sft.py") + [
             "--preset", "paper", "--base_model", c["model"], "--dataset_path", data, "--output_dir", d["sft"], *seed_args,
             "--lr", str(p["lr"]), "--total_batch_size", str(p["sft_total_batch"]),
-            "--per_device_batch_size", str(c["sft_micro"]), "--num_epochs", str(p["sft_epochs"]),
+            "--per_device_train_batch_size", str(c["sft_micro"]), "--num_train_epochs", str(p["sft_epochs"]),
             "--eval_temperature", str(p["eval_temperature"]), "--response_length", str(p["response_length"])]))
     if "rm" in stages:
         cmds.append((run_name("rm", size, seed), accel(args, "reward.py") + [
@@ -162,9 +162,9 @@ def real_commands(args: Args, size: str, seed: int, stages: List[str]) -> List[T
             "--per_device_train_batch_size", str(c["rm_micro"]), "--num_train_epochs", str(p["rm_epochs"])]))
     if "ppo" in stages:
         cmds.append((run_name("ppo", size, seed), accel(args, "ppo.py") + [
-            "--preset", c["ppo_preset"], "--sft_model_path", d["sft"], "--reward_model_path", d["rm"],
+            "--preset", c["ppo_preset"], "--base_model", c["model"], "--sft_model_path", d["sft"], "--reward_model_path", d["rm"],
             "--dataset_path", data, "--output_dir", d["ppo"], *seed_args, "--lr", str(p["lr"]),
-            "--total_episodes", str(p["ppo_total_episodes"]), "--batch_size", str(p["ppo_batch"]),
+            "--total_episodes", str(p["ppo_total_episodes"]), "--total_batch_size", str(p["ppo_batch"]),
             "--per_device_train_batch_size", str(c["ppo_micro"]), "--gradient_accumulation_steps", str(c["ppo_accum"]),
             "--num_ppo_epochs", str(p["ppo_epochs"]), "--num_mini_batches", str(p["ppo_mini_batches"]),
             "--local_rollout_forward_batch_size", str(c["rollout_batch"]), "--temperature", str(p["ppo_temperature"]),
@@ -179,9 +179,10 @@ def real_commands(args: Args, size: str, seed: int, stages: List[str]) -> List[T
                      "--output_dir", d["judge_ppo"], *judge_common]))
     if "dpo" in stages:
         cmds.append((run_name("dpo", size, seed), accel(args, "dpo.py") + [
-            "--preset", "paper", "--sft_model_path", d["sft"], "--dataset_path", data, "--output_dir", d["dpo"], *seed_args,
+            "--preset", "paper", "--base_model", c["model"], "--sft_model_path", d["sft"], "--dataset_path", data,
+            "--output_dir", d["dpo"], *seed_args,
             "--lr", str(p["lr"]), "--beta", str(p["dpo_beta"]), "--total_batch_size", str(p["dpo_total_batch"]),
-            "--per_device_batch_size", str(c["dpo_micro"]), "--num_epochs", str(p["dpo_epochs"]),
+            "--per_device_train_batch_size", str(c["dpo_micro"]), "--num_train_epochs", str(p["dpo_epochs"]),
             "--eval_temperature", str(p["eval_temperature"]), "--response_length", str(p["response_length"])]))
         if "judge" in stages:
             cmds.append((run_name("judge_dpo", size, seed), ["python", "eval_gpt_judge.py", "--preset", "paper",
@@ -210,10 +211,10 @@ def embedded_commands(args: Args, size: str, seed: int, stages: List[str]) -> Li
                      "--no-eval-base"]))
     if "feedback" in stages:
         cmds.append((run_name("feedback", size, seed), [py, "collect_feedback.py", "--task_dir", task, "--policy_path",
-                     d["sft"], "--out_dir", d["feedback"], "--num_train_posts", str(args.feedback_posts),
+                     d["sft"], "--output_dir", d["feedback"], "--num_train_posts", str(args.feedback_posts),
                      "--seed", str(seed), "--num_threads", str(args.threads)]))
         cmds.append((run_name("fdata", size, seed), [py, "tldr_dataset.py", "--source", "embedded", "--task_dir", task,
-                     "--comparisons_dir", d["feedback"], "--out_dir", d["fdata"]]
+                     "--comparisons_dir", d["feedback"], "--output_dir", d["fdata"]]
                      + ([] if args.max_rows is None else ["--max_rows", str(args.max_rows)])))
     if "rm" in stages:
         cmds.append((run_name("rm", size, seed), [py, "reward.py", "--preset", "embedded", "--base_model",
@@ -224,7 +225,7 @@ def embedded_commands(args: Args, size: str, seed: int, stages: List[str]) -> Li
     if "ppo" in stages:
         cmds.append((run_name("ppo", size, seed), [py, "ppo.py", "--preset", "embedded", "--sft_model_path", d["sft"],
                      "--reward_model_path", d["rm"], "--output_dir", d["ppo"], *rl_common,
-                     "--total_episodes", str(args.ppo_total_episodes), "--batch_size", str(args.ppo_batch_size),
+                     "--total_episodes", str(args.ppo_total_episodes), "--total_batch_size", str(args.ppo_batch_size),
                      "--num_ppo_epochs", str(args.ppo_epochs), "--num_mini_batches", "1",
                      "--per_device_train_batch_size", "16", "--lr", str(args.ppo_lr),
                      "--local_rollout_forward_batch_size", str(min(64, args.ppo_batch_size)),
@@ -251,12 +252,12 @@ def data_commands(args: Args) -> List[Tuple[str, List[str]]]:
     if args.mode == "real":
         # one data set for every size: the Pythia sizes share one tokenizer
         return [("data", ["python", "tldr_dataset.py", "--source", "hub", "--base_model", REAL_SIZES["1b"]["model"],
-                          "--out_dir", data])]
+                          "--output_dir", data])]
     task = args.task_dir or os.path.join(o, "task")
     py = sys.executable
     return [("task", [py, "embedded_task.py", "--out_dir", task, "--seed", str(args.task_seed), "--sizes", "s,m,l",
                       "--num_threads", str(args.threads)]),
-            ("data", [py, "tldr_dataset.py", "--source", "embedded", "--task_dir", task, "--out_dir", data]
+            ("data", [py, "tldr_dataset.py", "--source", "embedded", "--task_dir", task, "--output_dir", data]
              + ([] if args.max_rows is None else ["--max_rows", str(args.max_rows)]))]
 
 

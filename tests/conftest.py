@@ -17,8 +17,3 @@ def pythia_tokenizer_dir():
     real data path is tested with Pythia's tokenization without any download. Read-only: load it, never save into it."""
     return PYTHIA_TOKENIZER_DIR
 
-
-@pytest.fixture(scope="session")
-def gpt2_tokenizer_dir(pythia_tokenizer_dir):
-    """Former name of `pythia_tokenizer_dir` (the real-path tests once ran on GPT-2's BPE as a stand-in)."""
-    return pythia_tokenizer_dir

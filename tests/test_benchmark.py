@@ -93,8 +93,8 @@ def test_detail29_detail30_real_dry_run_matches_details(tmp_path):
                 assert f["output_dir"].endswith(name)
         sft, rm, ppo, dpo = (flags(by[s][1]) for s in ("sft", "rm", "ppo", "dpo"))
         # Detail 12: SFT batch 128, one epoch; micro-batch x accumulation x 8 GPUs = 128
-        assert sft["base_model"] == model and sft["total_batch_size"] == "128" and sft["num_epochs"] == "1"
-        assert 128 % (int(sft["per_device_batch_size"]) * 8) == 0
+        assert sft["base_model"] == model and sft["total_batch_size"] == "128" and sft["num_train_epochs"] == "1"
+        assert 128 % (int(sft["per_device_train_batch_size"]) * 8) == 0
         assert sft["eval_temperature"] == "0.01" and sft["response_length"] == "53"  # Detail 13
         # Detail 16: RM batch 64, one epoch, trunk from this size's SFT
         assert rm["total_batch_size"] == "64" and rm["num_train_epochs"] == "1" and rm["sft_model_path"] == sft["output_dir"]
@@ -102,7 +102,7 @@ def test_detail29_detail30_real_dry_run_matches_details(tmp_path):
         # Detail 29: 1M episodes, 512 per update, 4 epochs, 1 minibatch, per-size micro x accumulation, rollout batch
         micro, accum, rollout = DETAIL29[size]
         assert ppo["preset"] == {"1b": "paper", "2.8b": "paper-2.8b", "6.9b": "paper-6.9b"}[size]
-        assert ppo["total_episodes"] == "1000000" and ppo["batch_size"] == "512"
+        assert ppo["total_episodes"] == "1000000" and ppo["total_batch_size"] == "512"
         assert ppo["num_ppo_epochs"] == "4" and ppo["num_mini_batches"] == "1"
         assert (int(ppo["per_device_train_batch_size"]), int(ppo["gradient_accumulation_steps"]),
                 int(ppo["local_rollout_forward_batch_size"])) == (micro, accum, rollout)
@@ -112,7 +112,7 @@ def test_detail29_detail30_real_dry_run_matches_details(tmp_path):
         assert ("offload" in ppo) == (size == "6.9b") and ("no_offload" in ppo) == (size != "6.9b")
         assert ppo["sft_model_path"] == sft["output_dir"] and ppo["reward_model_path"] == rm["output_dir"]
         # Detail 32: DPO beta 0.05, batch 64, one epoch, from the SFT model
-        assert dpo["beta"] == "0.05" and dpo["total_batch_size"] == "64" and dpo["num_epochs"] == "1"
+        assert dpo["beta"] == "0.05" and dpo["total_batch_size"] == "64" and dpo["num_train_epochs"] == "1"
         assert dpo["sft_model_path"] == sft["output_dir"]
         # Detail 33: the judge compares PPO (and SFT, paired) with the references using gpt-3.5-turbo-0125
         jp = flags(by["judge_ppo"][1])
@@ -187,9 +187,9 @@ def test_embedded_plan_chains_paths_and_seeds(tmp_path):
         ppo = f[f"ppo_{size}_{seed}"]
         assert ppo["num_threads"] == "1"
         # ppo.py's batch arithmetic: the rollout forward batch divides the batch, micro-batches divide it too
-        assert int(ppo["batch_size"]) % int(ppo["local_rollout_forward_batch_size"]) == 0
-        assert int(ppo["batch_size"]) % int(ppo["per_device_train_batch_size"]) == 0
-        assert int(ppo["total_episodes"]) % int(ppo["batch_size"]) == 0
+        assert int(ppo["total_batch_size"]) % int(ppo["local_rollout_forward_batch_size"]) == 0
+        assert int(ppo["total_batch_size"]) % int(ppo["per_device_train_batch_size"]) == 0
+        assert int(ppo["total_episodes"]) % int(ppo["total_batch_size"]) == 0
         assert f[f"judge_ppo_{size}_{seed}"]["judge"] == "gold"
 
 
@@ -329,10 +329,10 @@ def test_embedded_default_runs_feedback_before_rm_and_ppo(tmp_path):
     assert names == ["sft_s_2", "feedback_s_2", "fdata_s_2", "rm_s_2", "ppo_s_2", "judge_ppo_s_2"]
     f = {name: flags(argv) for name, argv in chains[0]}
     assert f["feedback_s_2"]["policy_path"] == f["sft_s_2"]["output_dir"] and f["feedback_s_2"]["seed"] == "2"
-    assert f["fdata_s_2"]["comparisons_dir"] == f["feedback_s_2"]["out_dir"]
+    assert f["fdata_s_2"]["comparisons_dir"] == f["feedback_s_2"]["output_dir"]
     for stage in ("rm_s_2", "ppo_s_2"):
-        assert f[stage]["dataset_path"] == f["fdata_s_2"]["out_dir"]
-    assert f["sft_s_2"]["dataset_path"] != f["fdata_s_2"]["out_dir"]
+        assert f[stage]["dataset_path"] == f["fdata_s_2"]["output_dir"]
+    assert f["sft_s_2"]["dataset_path"] != f["fdata_s_2"]["output_dir"]
     no_feedback = {n: flags(a) for n, a in sweep.plan(sweep.Args(mode="embedded", sizes="s", seeds="2", stages="sft,rm",
                                                                  out_dir=str(tmp_path / "e")))[1][0]}
     assert no_feedback["rm_s_2"]["dataset_path"] == f["sft_s_2"]["dataset_path"]

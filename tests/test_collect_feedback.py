@@ -31,7 +31,7 @@ def setup(tmp_path_factory):
 
 def _args(setup, out, **kw):
     task, policy, _ = setup
-    return cf.Args(**{**dict(task_dir=task, policy_path=policy, out_dir=str(out), num_train_posts=12,
+    return cf.Args(**{**dict(task_dir=task, policy_path=policy, output_dir=str(out), num_train_posts=12,
                              num_validation_posts=5, batch_size=5, response_length=12, num_threads=1), **kw})
 
 
@@ -76,7 +76,7 @@ def test_dataset_builder_reads_the_feedback_comparisons(setup, tmp_path):
     cf.main(_args(setup, tmp_path / "fb"))
     out = tmp_path / "data"
     subprocess.run([sys.executable, "tldr_dataset.py", "--source", "embedded", "--task_dir", task, "--comparisons_dir",
-                    str(tmp_path / "fb"), "--out_dir", str(out)], cwd=ROOT, check=True, capture_output=True)
+                    str(tmp_path / "fb"), "--output_dir", str(out)], cwd=ROOT, check=True, capture_output=True)
     pref = load_from_disk(str(out / "preference"))
     n_train = len(et.read_jsonl(tmp_path / "fb" / "comparisons_train.jsonl"))
     assert len(pref["train"]) == n_train and set(pref["train"]["policies"]) == {"sft_sample vs sft_sample"}

@@ -160,7 +160,7 @@ def test_detail3_pad_token_distinct(tok):
 def test_detail8_detail9_optimizer_and_cosine_schedule(tok):
     model = tiny_model(tok)
     args = dpo.Args()
-    assert args.lr == 3e-6 and args.total_batch_size == 64 and args.num_epochs == 1  # Detail 32 / 8
+    assert args.lr == 3e-6 and args.total_batch_size == 64 and args.num_train_epochs == 1  # Detail 32 / 8
     opt, sched = dpo.make_optimizer(model, args, num_updates=10)
     assert opt.defaults["eps"] == 1e-5 and opt.defaults["lr"] == 3e-6 and isinstance(opt, torch.optim.AdamW)
     lrs = []
@@ -194,7 +194,7 @@ def test_presets_flags_and_bad_input():
     with pytest.raises(ValueError, match="--preset"):
         dpo.parse_args(["--preset", "nope"])
     with pytest.raises(ValueError, match="total_batch_size=64 is not divisible"):
-        dpo.check_batch_arithmetic(dpo.Args(per_device_batch_size=12), 1)
+        dpo.check_batch_arithmetic(dpo.Args(per_device_train_batch_size=12), 1)
     import datasets
 
     with pytest.raises(ValueError, match="query_rejected_token"):
@@ -225,7 +225,7 @@ def tiny_run_inputs(tmp_path_factory, pythia_tokenizer_dir, tok):
                                         summaries=summaries, choice=choice, worker="w", batch="b1", split="valid1" if split == "validation" else "train",
                                         extra=dict(confidence=1 + i % 3))) + "\n")
     data = root / "data"
-    td.build(td.Args(sft_dataset=str(raw), preference_dataset=str(cmp), base_model=pythia_tokenizer_dir, out_dir=str(data),
+    td.build(td.Args(sft_dataset=str(raw), preference_dataset=str(cmp), base_model=pythia_tokenizer_dir, output_dir=str(data),
                      query_length=48, sft_response_length=12, sft_query_response_length=60, rm_response_length=12, rm_query_response_length=60))
     model_dir = root / "sft"
     tiny_model(tok, path=str(model_dir))
@@ -237,7 +237,7 @@ def test_dpo_end_to_end_writes_metrics(tiny_run_inputs, tmp_path):
     out = tmp_path / "dpo"
     cmd = [sys.executable, os.path.join(ROOT, "dpo.py"), "--preset", "embedded", "--sft_model_path", str(model_dir),
            "--dataset_path", str(data), "--output_dir", str(out), "--gold_task_dir", "None", "--total_batch_size", "8",
-           "--per_device_batch_size", "4", "--num_eval_samples", "8", "--eval_batch_size", "8", "--response_length", "6",
+           "--per_device_train_batch_size", "4", "--num_eval_samples", "8", "--eval_batch_size", "8", "--response_length", "6",
            "--eval_every", "4", "--lr", "3e-3", "--per_device_eval_batch_size", "16"]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

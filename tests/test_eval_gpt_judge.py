@@ -378,7 +378,7 @@ def test_detail13_model_path_generates_then_judges(tmp_path, pythia_tokenizer_di
         (cmp / f"{split}.jsonl").write_text(json.dumps(dict(info=dict(id="c", post="p", title="t", subreddit="s"),
                                                             summaries=[dict(text=" a", policy="x"), dict(text=" b", policy="y")], choice=0)) + "\n")
     data = tmp_path / "data"
-    td.build(td.Args(sft_dataset=str(raw), preference_dataset=str(cmp), base_model=pythia_tokenizer_dir, out_dir=str(data),
+    td.build(td.Args(sft_dataset=str(raw), preference_dataset=str(cmp), base_model=pythia_tokenizer_dir, output_dir=str(data),
                      query_length=48, sft_response_length=12, sft_query_response_length=60, rm_response_length=12, rm_query_response_length=60))
     tok = AutoTokenizer.from_pretrained(pythia_tokenizer_dir)
     torch.manual_seed(0)

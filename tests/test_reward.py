@@ -599,7 +599,7 @@ def test_detail18_validation_cnndm_reported_separately(pythia_tokenizer_dir, tmp
             f.write(json.dumps(comparison(i, b, cnndm=True)) + "\n")
     data = tmp_path / "data"
     td.build(td.Args(sft_dataset=str(sft_raw), preference_dataset=str(cmp_raw), base_model=pythia_tokenizer_dir,
-                     out_dir=str(data), query_length=48, sft_response_length=12, sft_query_response_length=60,
+                     output_dir=str(data), query_length=48, sft_response_length=12, sft_query_response_length=60,
                      rm_response_length=12, rm_query_response_length=60, cnndm_query_length=96,
                      cnndm_rm_response_length=16, cnndm_rm_query_response_length=112))
     cnn = load_from_disk(str(data / "preference"))["validation_cnndm"]

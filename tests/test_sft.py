@@ -120,8 +120,8 @@ def test_detail8_detail9_optimizer_and_cosine_schedule(tok):
 
 
 def test_batch_arithmetic_error_names_sizes():
-    with pytest.raises(ValueError, match="total_batch_size=128 is not divisible by per_device_batch_size=12"):
-        sft.check_batch_arithmetic(sft.Args(per_device_batch_size=12), 1)
+    with pytest.raises(ValueError, match="total_batch_size=128 is not divisible by per_device_train_batch_size=12"):
+        sft.check_batch_arithmetic(sft.Args(per_device_train_batch_size=12), 1)
     assert sft.check_batch_arithmetic(sft.Args(), 8) == 1
 
 
@@ -145,7 +145,7 @@ def tiny_run_inputs(tmp_path_factory, pythia_tokenizer_dir, tok):
         with open(cmp / f"{split}.jsonl", "w") as f:
             f.write(json.dumps(dict(info=dict(id="c", post="p", title="t", subreddit="s"), summaries=[dict(text=" a", policy="x"), dict(text=" b", policy="y")], choice=0)) + "\n")
     data = root / "data"
-    td.build(td.Args(sft_dataset=str(raw), preference_dataset=str(cmp), base_model=pythia_tokenizer_dir, out_dir=str(data),
+    td.build(td.Args(sft_dataset=str(raw), preference_dataset=str(cmp), base_model=pythia_tokenizer_dir, output_dir=str(data),
                      query_length=48, sft_response_length=12, sft_query_response_length=60, rm_response_length=12, rm_query_response_length=60))
     model_dir = root / "base"
     tiny_model(tok, path=str(model_dir))
@@ -155,8 +155,8 @@ def tiny_run_inputs(tmp_path_factory, pythia_tokenizer_dir, tok):
 def run_sft(data, model_dir, out, *extra):
     cmd = [sys.executable, os.path.join(ROOT, "sft.py"), "--preset", "embedded", "--base_model", str(model_dir),
            "--dataset_path", str(data), "--output_dir", str(out), "--gold_task_dir", "None", "--total_batch_size", "8",
-           "--per_device_batch_size", "4", "--num_eval_samples", "8", "--eval_batch_size", "8", "--response_length", "6",
-           "--eval_every", "4", "--save_every", "4", "--lr", "3e-3", "--num_epochs", "1", *extra]
+           "--per_device_train_batch_size", "4", "--num_eval_samples", "8", "--eval_batch_size", "8", "--response_length", "6",
+           "--eval_every", "4", "--save_every", "4", "--lr", "3e-3", "--num_train_epochs", "1", *extra]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return json.load(open(out / "metrics.json"))

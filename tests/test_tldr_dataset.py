@@ -164,7 +164,7 @@ def test_detail6_build_from_local_files(tok, pythia_tokenizer_dir, tmp_path):
         with open(cmp_dir / f"{split}.jsonl", "w") as f:
             f.write(json.dumps(cmp_row()) + "\n")
             f.write(json.dumps(cmp_row(choice=1, batch="cnndm2", info=cnndm_info("A short article.\nTwo lines."))) + "\n")
-    args = td.Args(sft_dataset=str(sft_dir), preference_dataset=str(cmp_dir), base_model=pythia_tokenizer_dir, out_dir=str(tmp_path / "out"))
+    args = td.Args(sft_dataset=str(sft_dir), preference_dataset=str(cmp_dir), base_model=pythia_tokenizer_dir, output_dir=str(tmp_path / "out"))
     meta = td.build(args)
     assert meta["counts"]["sft/train"] == 2 and meta["dropped"]["sft/train"] == {"empty post": 1}
     assert meta["counts"]["preference/validation"] == 1 and meta["counts"]["preference/validation_cnndm"] == 1
@@ -179,7 +179,7 @@ def test_detail6_build_from_local_files(tok, pythia_tokenizer_dir, tmp_path):
     assert set(pref) == {"train", "validation", "validation_cnndm"}
     assert pref["validation_cnndm"][0]["query"] == "Article:\nA short article.\nTwo lines.\n\nTL;DR:\n"
     assert sft["train"][1]["summary"] == SHORT_ROW["summary"]
-    assert json.load(open(os.path.join(args.out_dir, "meta.json")))["query_length"] == 512
+    assert json.load(open(os.path.join(args.output_dir, "meta.json")))["query_length"] == 512
 
 
 def test_cli_help_names_task_dir_and_comparisons_dir():
