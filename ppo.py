@@ -353,7 +353,8 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
     """Normalise to unit variance over the masked entries; shift_mean=False keeps the mean."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    # Detail 27 (and 26): the population (biased) variance of the valid entries, + 1e-8 inside the root, as released
+    mean, var = masked_mean(x, mask), masked_var(x, mask, unbiased=False)
     whitened = (x - mean) * torch.rsqrt(var + 1e-8)
     return whitened if shift_mean else whitened + mean
 

@@ -218,7 +218,7 @@ def test_detail25_per_token_reward_score_placement():
 def _loop_whiten(xs, shift_mean=True):
     n = len(xs)
     mean = sum(xs) / n
-    var = sum((x - mean) ** 2 for x in xs) / n * n / (n - 1)
+    var = sum((x - mean) ** 2 for x in xs) / n  # Detail 27: population variance
     return [(x - mean) / math.sqrt(var + 1e-8) + (0 if shift_mean else mean) for x in xs]
 
 
@@ -254,6 +254,18 @@ def test_detail26_27_gae_and_whitening_against_loop():
     for (b, t), w in zip(valid1, _loop_whiten([x[b, t].item() for b, t in valid1], shift_mean=False)):
         assert abs(got[b, t].item() - w) < 1e-4
     assert ppo.Args().whiten_rewards is False and ppo.Args().gamma == 1.0 and ppo.Args().lam == 0.95
+
+
+def test_detail27_whitening_uses_population_variance_hand_computed():
+    """Detail 27 / 26: whitening divides by sqrt(biased variance + 1e-8) of the valid entries (as released)."""
+    x = torch.tensor([[1.0, 2.0, 3.0, 6.0, 100.0]])
+    mask = torch.tensor([[True, True, True, True, False]])  # the last entry is padding: ignored
+    # mean 3, population variance (4 + 1 + 0 + 9) / 4 = 3.5 (the unbiased one would be 14 / 3)
+    expect = torch.tensor([-2.0, -1.0, 0.0, 3.0]) / math.sqrt(3.5 + 1e-8)
+    torch.testing.assert_close(ppo.masked_whiten(x, mask)[0, :4], expect)
+    torch.testing.assert_close(ppo.masked_whiten(x, mask, shift_mean=False)[0, :4], expect + 3.0)
+    adv, _ = ppo.compute_advantages(x[:, :4].flip(1), torch.zeros(1, 4), ~mask[:, :4], 1.0, 0.0)  # lambda 0: A = r
+    torch.testing.assert_close(adv[0], expect.flip(0))
 
 
 def test_detail28_clipped_losses_hand_computed():
