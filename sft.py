@@ -172,10 +172,20 @@ def sft_labels(ids: torch.Tensor, pad_id: int, query_lens: Optional[torch.Tensor
     return labels
 
 
-def sft_loss(model, ids: torch.Tensor, pad_id: int, query_lens: Optional[torch.Tensor] = None) -> torch.Tensor:
-    labels = sft_labels(ids, pad_id, query_lens)
+def sequence_losses(model, ids: torch.Tensor, pad_id: int, query_lens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Each sequence's own token-mean cross-entropy, shape (batch,)."""
+    labels = sft_labels(ids, pad_id, query_lens)[:, 1:]
+    # fp32 logits: the log-softmax runs in fp32 also under bf16 autocast (CPU autocast would keep it in bf16)
     logits = forward(model, ids, pad_id).logits[:, :-1].float()
-    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+    token_losses = nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    return token_losses.sum(1) / (labels != -100).sum(1).clamp(min=1)
+
+
+def sft_loss(model, ids: torch.Tensor, pad_id: int, query_lens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    # Detail 12: as released (one sequence per micro-batch, then accumulation), the loss is the mean over the
+    # sequences of each one's token-mean, at any micro-batch size: with equal micro-batches, accumulation's
+    # average of these means is the mean over all the update's sequences.
+    return sequence_losses(model, ids, pad_id, query_lens).mean()
 
 
 def trim_right(ids: torch.Tensor, pad_id: int) -> torch.Tensor:
@@ -230,9 +240,8 @@ def validation_loss(model, loader, pad_id: int, accelerator, max_batches: Option
         if max_batches is not None and i >= max_batches:
             break
         ids = trim_right(batch["query_reference_response_token"], pad_id)
-        n = (ids[:, 1:] != pad_id).sum()
-        total += sft_loss(model, ids, pad_id) * n
-        count += n
+        total += sequence_losses(model, ids, pad_id).sum()  # Detail 12: the mean of per-sequence token-means
+        count += ids.shape[0]
     model.train()
     total, count = accelerator.reduce(total), accelerator.reduce(count)
     return (total / count).item()

@@ -68,11 +68,38 @@ def test_detail12_loss_matches_manual(tok):
     pad = tok.pad_token_id
     ids = torch.tensor([[5, 6, 7, 8, pad, pad], [9, 10, 11, 12, 13, 14]])
     logp = torch.log_softmax(sft.forward(model, ids, pad).logits, -1)
-    terms = [-logp[b, t, ids[b, t + 1]] for b in range(2) for t in range(5) if ids[b, t + 1] != pad]
-    torch.testing.assert_close(sft.sft_loss(model, ids, pad), torch.stack(terms).mean())
+    per_seq = [torch.stack([-logp[b, t, ids[b, t + 1]] for t in range(5) if ids[b, t + 1] != pad]).mean() for b in range(2)]
+    torch.testing.assert_close(sft.sft_loss(model, ids, pad), torch.stack(per_seq).mean())
     # trimming the all-pad columns changes nothing
     torch.testing.assert_close(sft.sft_loss(model, sft.trim_right(torch.cat([ids, torch.full((2, 3), pad)], 1), pad), pad),
                                sft.sft_loss(model, ids, pad))
+
+
+def test_detail12_loss_is_mean_of_per_sequence_means_at_any_micro_batch(tok):
+    """Detail 12: as released, the update's loss is the mean over its sequences of each sequence's token-mean (not one
+    token-mean over the batch), whatever the micro-batch size and the accumulation."""
+    model = tiny_model(tok).eval()
+    pad = tok.pad_token_id
+    ids = torch.tensor([[5, 6, pad, pad, pad, pad, pad], [9, 10, 11, 12, 13, 14, 15], [7, 8, 9, pad, pad, pad, pad],
+                        [20, 21, 22, 23, 24, pad, pad]])
+    logp = torch.log_softmax(sft.forward(model, ids, pad).logits.double(), -1)
+    terms = [[-logp[b, t, ids[b, t + 1]] for t in range(ids.shape[1] - 1) if ids[b, t + 1] != pad] for b in range(4)]
+    mean_of_means = torch.stack([torch.stack(t).mean() for t in terms]).mean().float()
+    token_mean = torch.stack([x for t in terms for x in t]).mean().float()
+    assert abs(mean_of_means - token_mean) > 1e-3  # the two weightings differ on this batch
+    loss = sft.sft_loss(model, ids, pad)
+    torch.testing.assert_close(loss, mean_of_means, atol=1e-6, rtol=1e-5)
+    # micro-batch 1 with accumulation 4 (the released setting) and 2 x 2 give the same update loss and gradient
+    for micro in (1, 2):
+        model.zero_grad()
+        acc = sum(sft.sft_loss(model, ids[i : i + micro], pad) / (4 // micro) for i in range(0, 4, micro))
+        acc.backward()
+        grad = model.gpt_neox.embed_in.weight.grad.clone()
+        model.zero_grad()
+        loss = sft.sft_loss(model, ids, pad)
+        loss.backward()
+        torch.testing.assert_close(acc, loss, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(grad, model.gpt_neox.embed_in.weight.grad, atol=1e-6, rtol=1e-5)
 
 
 def test_detail21_truncate_after_first_eos():
