@@ -67,7 +67,11 @@ class Args:
     num_train_pairs: Optional[int] = None
     """use only the first N training pairs (None: all)"""
     bf16: bool = True
-    """mixed precision bf16 where there is a GPU (ignored on CPU)"""
+    """mixed precision bf16 where there is a GPU (ignored on CPU unless --bf16_on_cpu)"""
+    bf16_on_cpu: bool = False
+    """take the bf16 autocast path without CUDA too (slow; lets the tests run it on CPU)"""
+    split: str = "validation"
+    """the SFT split whose queries are sampled for evaluation (Detail 13): `validation` as released, or `test`"""
     eval_every: int = 100
     """implicit-reward validation every N updates (0: only at the start and the end)"""
     num_val_pairs: Optional[int] = None
@@ -350,7 +354,7 @@ def decode_responses(tokenizer, responses: torch.Tensor):
 
 
 def sample_and_judge(model, dataset, tokenizer, args: Args, accelerator, judge=None, tag: str = "dpo"):
-    """Detail 13 samples on validation queries, ROUGE-L against the references and the gold win rate."""
+    """Detail 13 samples on the queries of `dataset` (--split), ROUGE-L against the references, the gold win rate."""
     from rouge_score import rouge_scorer
 
     unwrapped = accelerator.unwrap_model(model)
@@ -427,7 +431,7 @@ if __name__ == "__main__":
     import datasets
 
     args = parse_args()
-    use_bf16 = args.bf16 and torch.cuda.is_available()
+    use_bf16 = args.bf16 and (torch.cuda.is_available() or args.bf16_on_cpu)
     accelerator = Accelerator(mixed_precision="bf16" if use_bf16 else "no")
     grad_accum = check_batch_arithmetic(args, accelerator.num_processes)
     accelerator.gradient_accumulation_steps = grad_accum
@@ -447,7 +451,10 @@ if __name__ == "__main__":
         if split not in pref:
             raise ValueError(f"{pref_path}: split {split!r} is missing")
         check_preference_split(pref[split], split)
-    sft_val = datasets.load_from_disk(sft_path)["validation"]
+    sft_data = datasets.load_from_disk(sft_path)
+    if args.split not in sft_data or len(sft_data[args.split]) == 0:
+        raise ValueError(f"{sft_path}: split {args.split!r} (--split) is missing or empty")
+    sft_val = sft_data[args.split]  # the evaluation queries (Detail 13)
     tokenizer = load_tokenizer(args.sft_model_path)
     meta_path = os.path.join(args.dataset_path, "meta.json")
     if os.path.exists(meta_path):
@@ -603,7 +610,7 @@ if __name__ == "__main__":
                 f.write(json.dumps(r) + "\n")
         with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=2)
-        print_samples(rows, "DPO samples (validation, near-greedy)")
+        print_samples(rows, f"DPO samples ({args.split}, near-greedy)")
         console.print({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items() if "/" not in k})
         if args.track:
             wandb.log({f"final/{k}": v for k, v in metrics.items()})

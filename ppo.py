@@ -125,6 +125,8 @@ class Args:
     """Detail 28"""
 
     # evaluation (Detail 13, 31)
+    split: str = "validation"
+    """the SFT split whose queries are sampled at evaluation: `validation` as released, or `test`"""
     eval_every: int = 200
     """evaluate every this many updates (0: only at the end)"""
     eval_at_start: bool = False
@@ -150,6 +152,8 @@ class Args:
     # DeepSpeed (Detail 30)
     offload: bool = False
     """run the reference and reward models on the CPU (ZeRO-3 parameter offload under DeepSpeed), as for 6.9B"""
+    bf16_on_cpu: bool = False
+    """bf16 mixed precision without CUDA too (elsewhere it comes from the launch config; lets the tests run it on CPU)"""
 
     # debugging and tests
     debug_stop_after_update: Optional[int] = None
@@ -686,7 +690,7 @@ def main(args: Args):
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     sizes = batch_arithmetic(args, world_size)  # fail before any model is loaded
     accelerator = Accelerator(gradient_accumulation_steps=sizes.gradient_accumulation_steps,
-                              cpu=not torch.cuda.is_available())
+                              cpu=not torch.cuda.is_available(), mixed_precision="bf16" if args.bf16_on_cpu else None)
     if accelerator.num_processes != world_size:
         sizes = batch_arithmetic(args, accelerator.num_processes)
     console = Console(force_terminal=False) if accelerator.is_main_process else Console(quiet=True)
@@ -700,13 +704,13 @@ def main(args: Args):
     if not os.path.isdir(sft_dir):
         raise ValueError(f"dataset_path {args.dataset_path!r} has no 'sft' DatasetDict (tldr_dataset.py output)")
     data = load_from_disk(sft_dir)
-    for split in ("train", "validation"):
+    for split in ("train", args.split):
         if split not in data or "query_token" not in data[split].column_names:
             raise ValueError(f"{sft_dir}: split {split!r} with a 'query_token' column is required")
     train_queries = torch.tensor(data["train"]["query_token"], dtype=torch.long)
     if train_queries.size(0) < args.batch_size:
         raise ValueError(f"{sft_dir} train has {train_queries.size(0)} rows, fewer than batch_size {args.batch_size}")
-    val = data["validation"]
+    val = data[args.split]  # Detail 31: the evaluation queries (validation as released, or --split test)
     n_eval = len(val) if args.num_eval_samples is None else min(args.num_eval_samples, len(val))
     val = val.select(range(n_eval))
     eval_data = {k: val[k] for k in ("id", "query", "reference_response", "reference_response_token_len")}

@@ -104,7 +104,9 @@ class Args:
     num_train_pairs: Optional[int] = None
     """use a seeded random subset of N training pairs (after dropping identical pairs); None = all"""
     bf16: bool = True
-    """bf16 mixed precision when CUDA is available (ignored on CPU)"""
+    """bf16 mixed precision when CUDA is available (ignored on CPU unless --bf16_on_cpu)"""
+    bf16_on_cpu: bool = False
+    """take the bf16 autocast path without CUDA too (slow; lets the tests run it on CPU)"""
     identical_pairs: str = "skip"
     """pairs with chosen == rejected: `skip` (count, warn, skip) or `error` (ValueError)"""
 
@@ -565,7 +567,7 @@ def main(args: Args) -> Dict[str, float]:
     if args.identical_pairs not in ("skip", "error"):
         raise ValueError(f"--identical_pairs must be 'skip' or 'error', got {args.identical_pairs!r}")
     accelerator_probe = torch.cuda.is_available()
-    mixed = "bf16" if (args.bf16 and accelerator_probe) else "no"
+    mixed = "bf16" if (args.bf16 and (accelerator_probe or args.bf16_on_cpu)) else "no"
     world = int(os.environ.get("WORLD_SIZE", "1"))
     micro = args.per_device_train_batch_size
     if args.total_batch_size % (micro * world) != 0:

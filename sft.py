@@ -51,7 +51,11 @@ class Args:
     loss_on_query: bool = True
     """Detail 12: as released, the query tokens are in the loss too; False restricts it to the response"""
     bf16: bool = True
-    """mixed precision bf16 where there is a GPU (ignored on CPU)"""
+    """mixed precision bf16 where there is a GPU (ignored on CPU unless --bf16_on_cpu)"""
+    bf16_on_cpu: bool = False
+    """take the bf16 autocast path without CUDA too (slow; lets the tests run it on CPU)"""
+    split: str = "validation"
+    """the SFT split whose queries are sampled for evaluation (Detail 13): `validation` as released, or `test`"""
     eval_every: int = 100
     """validation loss every N updates (0: only at the end)"""
     num_eval_samples: int = 256
@@ -248,7 +252,7 @@ def validation_loss(model, loader, pad_id: int, accelerator, max_batches: Option
 
 
 def sample_and_judge(model, dataset, tokenizer, args: Args, accelerator, judge=None, tag: str = "sft"):
-    """Detail 13 samples on validation queries, ROUGE-L against the references and the gold win rate."""
+    """Detail 13 samples on the queries of `dataset` (--split), ROUGE-L against the references, the gold win rate."""
     from rouge_score import rouge_scorer
 
     unwrapped = accelerator.unwrap_model(model)
@@ -323,7 +327,7 @@ if __name__ == "__main__":
     import datasets
 
     args = parse_args()
-    use_bf16 = args.bf16 and torch.cuda.is_available()
+    use_bf16 = args.bf16 and (torch.cuda.is_available() or args.bf16_on_cpu)
     accelerator = Accelerator(mixed_precision="bf16" if use_bf16 else "no")
     grad_accum = check_batch_arithmetic(args, accelerator.num_processes)
     accelerator.gradient_accumulation_steps = grad_accum
@@ -338,7 +342,7 @@ if __name__ == "__main__":
     if not os.path.isdir(sft_path):
         raise FileNotFoundError(f"{sft_path} not found: build the data set first with tldr_dataset.py")
     data = datasets.load_from_disk(sft_path)
-    for split in ("train", "validation"):
+    for split in ("train", "validation", args.split):
         if split not in data or len(data[split]) == 0:
             raise ValueError(f"{sft_path}: split {split!r} is missing or empty")
     tokenizer = load_tokenizer(args.base_model)
@@ -359,7 +363,7 @@ if __name__ == "__main__":
     metrics = {}
     if args.eval_base and judge is not None and not args.resume:
         set_seed(args.seed + accelerator.process_index * 100003)  # Detail 10: sampling differs per process
-        base_metrics, _ = sample_and_judge(model, data["validation"], tokenizer, args, accelerator, judge, tag="base")
+        base_metrics, _ = sample_and_judge(model, data[args.split], tokenizer, args, accelerator, judge, tag="base")
         metrics.update(base_metrics)
         console.print(f"base model: gold win rate {base_metrics['base_gold_win_rate']:.3f}")
 
@@ -444,7 +448,7 @@ if __name__ == "__main__":
     metrics["train_loss"] = row["train/loss"] if update else float("nan")
     metrics["updates"] = update
     set_seed(args.seed + accelerator.process_index * 100003)  # Detail 10
-    eval_metrics, rows = sample_and_judge(model, data["validation"], tokenizer, args, accelerator, judge, tag="sft")
+    eval_metrics, rows = sample_and_judge(model, data[args.split], tokenizer, args, accelerator, judge, tag="sft")
     metrics.update(eval_metrics)
     if judge is not None:
         metrics["gold_win_rate"] = metrics["sft_gold_win_rate"]
@@ -461,7 +465,7 @@ if __name__ == "__main__":
                 f.write(json.dumps(r) + "\n")
         with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=2)
-        print_samples(rows, "SFT samples (validation, near-greedy)")
+        print_samples(rows, f"SFT samples ({args.split}, near-greedy)")
         console.print({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
         if args.track:
             wandb.log({f"final/{k}": v for k, v in metrics.items()})

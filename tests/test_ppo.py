@@ -601,3 +601,41 @@ def test_detail10_two_processes_gloo(task, tmp_path):
     assert len(read_jsonl(out / "eval_samples.jsonl")) == 8
     final = json.load(open(out / "metrics.json"))
     assert math.isfinite(final["final_kl"])
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps its state per process: a run with another mixed precision needs a fresh one (and leaves one)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+def test_bf16_autocast_path_on_cpu_and_test_split(task, tmp_path, monkeypatch, fresh_accelerate_state):
+    """The bf16 branch (taken under CUDA) run on CPU with --bf16_on_cpu: rollout and training forwards under bf16
+    autocast, log-probabilities (log-softmax) in fp32, finite losses, a saved policy that loads; --split test
+    evaluates on the test split's queries."""
+    seen = []
+    original = ppo.logprobs_from_logits
+
+    def recording(logits, tokens, temperature):
+        out = original(logits, tokens, temperature)
+        seen.append((logits.dtype, out.dtype))
+        return out
+
+    monkeypatch.setattr(ppo, "logprobs_from_logits", recording)
+    out = tmp_path / "bf16"
+    argv = ppo_cmd(task, out, "--bf16_on_cpu", "--split", "test", "--total_episodes", "32", "--save-model")[2:]
+    ppo.main(ppo.parse_args(argv))
+    # the reference policy's logits come straight from a bf16 autocast forward; every log-probability is fp32
+    assert (torch.bfloat16, torch.float32) in seen and all(o == torch.float32 for _, o in seen)
+    recs = read_jsonl(out / "metrics.jsonl")
+    assert len(recs) == 2 and all(math.isfinite(r["loss/total"]) and math.isfinite(r["loss/policy"]) for r in recs)
+    samples = read_jsonl(out / "eval_samples.jsonl")
+    assert len(samples) == 4 and all(s["id"].startswith("p2") for s in samples)  # the 4 test rows (p20000...)
+    tok = ppo.load_tokenizer(str(out))
+    policy = ppo.load_policy(str(out), tok)
+    assert policy.get_input_embeddings().weight.dtype == torch.float32
+    assert all(torch.isfinite(p).all() for p in policy.parameters())
