@@ -532,3 +532,31 @@ def test_near_miss_accuracy_separates_checkers_from_constant(tmp_path):
     constant = reward.near_miss_accuracy(Constant(), judge, queries, query_tokens, tok, pad, batch_size=16, seed=0)
     assert constant == {"gold_near_miss_accuracy/narrator_age": 0.0, "gold_near_miss_accuracy/duration": 0.0,
                         "gold_near_miss_accuracy/feeling": 0.0, "gold_near_miss_accuracy": 0.0}
+
+
+def test_bf16_on_cpu_head_loss_and_save(fake_run, tmp_path):
+    """reward.py's bf16 branch (taken under CUDA) on CPU with --bf16_on_cpu: the trunk and the RM head run under bf16
+    autocast, the pairwise loss is finite, and the saved model (fp32 weights, normalised bias) loads back."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)  # accelerate keeps one mixed-precision setting per process
+    head_dtypes = []
+    original = reward.ScalarModel.from_sft
+
+    def from_sft(*a, **kw):
+        model = original(*a, **kw)
+        model.scalar_head.register_forward_hook(lambda m, i, o: head_dtypes.append(o.dtype))
+        return model
+
+    reward.ScalarModel.from_sft = from_sft
+    try:
+        out = tmp_path / "rm_bf16"
+        metrics = reward.main(_args(fake_run, out, bf16=True, bf16_on_cpu=True, num_train_pairs=48, num_val_pairs=16))
+    finally:
+        reward.ScalarModel.from_sft = original
+        AcceleratorState._reset_state(True)
+    assert head_dtypes and set(head_dtypes) == {torch.bfloat16}
+    assert metrics["num_updates"] == 3 and math.isfinite(metrics["train_loss"]) and math.isfinite(metrics["val_loss"])
+    loaded = reward.ScalarModel.from_pretrained(out)
+    assert loaded.scalar_head.weight.dtype == torch.float32
+    assert loaded.scalar_head.bias.item() == pytest.approx(metrics["head_bias"], abs=1e-6)
