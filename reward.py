@@ -905,5 +905,16 @@ def gold_metrics(args: Args, rm: ScalarModel, tokenizer, val_ds: Optional[Datase
     return out
 
 
+def exit_without_finalization():
+    """End a multi-process rank once every output is written. After a DDP wrapper was built, torch keeps the gloo
+    process group and its worker threads alive past destroy_process_group; a worker still busy when the interpreter
+    finalizes aborts the rank ("terminate called without an active exception"). os._exit skips that phase."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 if __name__ == "__main__":
     main(parse_args())
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        exit_without_finalization()

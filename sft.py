@@ -323,6 +323,15 @@ def check_batch_arithmetic(args: Args, world_size: int) -> int:
     return args.total_batch_size // per_step
 
 
+def exit_without_finalization():
+    """End a multi-process rank once every output is written. After a DDP wrapper was built, torch keeps the gloo
+    process group and its worker threads alive past destroy_process_group; a worker still busy when the interpreter
+    finalizes aborts the rank ("terminate called without an active exception"). os._exit skips that phase."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 if __name__ == "__main__":
     import datasets
 
@@ -470,3 +479,9 @@ if __name__ == "__main__":
         if args.track:
             wandb.log({f"final/{k}": v for k, v in metrics.items()})
             wandb.finish()
+    if log:
+        log.close()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()  # destroys the process group of a multi-process run
+    if accelerator.num_processes > 1:
+        exit_without_finalization()
