@@ -288,7 +288,7 @@ def test_bf16_on_cpu_run_and_test_split(tiny_run_inputs, tmp_path):
     out = tmp_path / "dpo_bf16"
     cmd = [sys.executable, os.path.join(ROOT, "dpo.py"), "--preset", "embedded", "--sft_model_path", str(model_dir),
            "--dataset_path", str(data), "--output_dir", str(out), "--gold_task_dir", "None", "--total_batch_size", "8",
-           "--per_device_batch_size", "4", "--num_train_pairs", "32", "--num_eval_samples", "8", "--eval_batch_size", "8",
+           "--per_device_batch_size", "4", "--num_train_pairs", "32", "--num_val_pairs", "8", "--num_eval_samples", "8", "--eval_batch_size", "8",
            "--response_length", "6", "--lr", "3e-3", "--per_device_eval_batch_size", "16", "--bf16_on_cpu", "--split", "test"]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
