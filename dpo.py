@@ -72,7 +72,11 @@ class Args:
     num_train_pairs: Optional[int] = None
     """use only the first N training pairs (None: all)"""
     bf16: bool = True
-    """mixed precision bf16 where there is a GPU (ignored on CPU)"""
+    """mixed precision bf16 where there is a GPU (ignored on CPU unless --bf16_on_cpu)"""
+    bf16_on_cpu: bool = False
+    """take the bf16 autocast path without CUDA too (slow; lets the tests run it on CPU)"""
+    split: str = "validation"
+    """the SFT split whose queries are sampled for evaluation (Detail 13): `validation` as released, or `test`"""
     eval_every: int = 100
     """implicit-reward validation every N updates (0: only at the start and the end)"""
     num_val_pairs: Optional[int] = None
@@ -368,7 +372,7 @@ def decode_responses(tokenizer, responses: torch.Tensor):
 
 
 def sample_and_judge(model, dataset, tokenizer, args: Args, accelerator, judge=None, tag: str = "dpo"):
-    """Detail 13 samples on validation queries, ROUGE-L against the references and the gold win rate."""
+    """Detail 13 samples on the queries of `dataset` (--split), ROUGE-L against the references, the gold win rate."""
     from rouge_score import rouge_scorer
 
     unwrapped = accelerator.unwrap_model(model)
@@ -488,11 +492,20 @@ def check_batch_arithmetic(args: Args, world_size: int) -> int:
     return args.total_batch_size // per_step
 
 
+def exit_without_finalization():
+    """End a multi-process rank once every output is written. After a DDP wrapper was built, torch keeps the gloo
+    process group and its worker threads alive past destroy_process_group; a worker still busy when the interpreter
+    finalizes aborts the rank ("terminate called without an active exception"). os._exit skips that phase."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 if __name__ == "__main__":
     import datasets
 
     args = parse_args()
-    use_bf16 = args.bf16 and torch.cuda.is_available()
+    use_bf16 = args.bf16 and (torch.cuda.is_available() or args.bf16_on_cpu)
     accelerator = make_accelerator(mixed_precision="bf16" if use_bf16 else "no")
     grad_accum = check_batch_arithmetic(args, accelerator.num_processes)
     configure_deepspeed(accelerator, args.per_device_train_batch_size, grad_accum)
@@ -512,7 +525,10 @@ if __name__ == "__main__":
         if split not in pref:
             raise ValueError(f"{pref_path}: split {split!r} is missing")
         check_preference_split(pref[split], split)
-    sft_val = datasets.load_from_disk(sft_path)["validation"]
+    sft_data = datasets.load_from_disk(sft_path)
+    if args.split not in sft_data or len(sft_data[args.split]) == 0:
+        raise ValueError(f"{sft_path}: split {args.split!r} (--split) is missing or empty")
+    sft_val = sft_data[args.split]  # the evaluation queries (Detail 13)
     tokenizer = load_tokenizer(args.sft_model_path)
     meta_path = os.path.join(args.dataset_path, "meta.json")
     if os.path.exists(meta_path):
@@ -668,8 +684,14 @@ if __name__ == "__main__":
                 f.write(json.dumps(r) + "\n")
         with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=2)
-        print_samples(rows, "DPO samples (validation, near-greedy)")
+        print_samples(rows, f"DPO samples ({args.split}, near-greedy)")
         console.print({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items() if "/" not in k})
         if args.track:
             wandb.log({f"final/{k}": v for k, v in metrics.items()})
             wandb.finish()
+    if log:
+        log.close()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()  # destroys the process group of a multi-process run
+    if accelerator.num_processes > 1:
+        exit_without_finalization()

@@ -6,6 +6,9 @@ embedded task's gold judge, and reports honest statistics:
   * win rate with a 95% Wilson score interval (ties count as "not a win", like GoldJudge.win_rate;
     `win_rate_ties_half` counts them as 1/2); unparsable verdicts are retried a bounded number of times,
     then counted as `n_unparsed` and left out of the denominator, never turned into a win or a loss;
+  * Detail 33 as released: the released prompt template byte for byte; `--released_request` sends no temperature and
+    no max_tokens; `--accounting released` counts verdicts as the released code did (the strict parser above stays
+    the default); both win rates (`strict_win_rate`, `released_win_rate`) and their difference are always reported;
   * win rate by length bins (Detail 34), position-bias statistics, and a paired comparison with a second
     samples file (`--compare_samples`, e.g. PPO vs SFT; paired normal CI on the per-item differences);
   * `{output_dir}/metrics.json` (flat), `{output_dir}/judgements.csv` (every judgement), a rich table,
@@ -97,6 +100,12 @@ class Args:
     """None = not sent (reasoning models accept only their default)"""
     judge_max_tokens: Optional[int] = 256
     """None = not sent"""
+    released_request: bool = False
+    """Detail 33: send the request as released, without temperature and max_tokens (the API defaults)"""
+    accounting: Literal["strict", "released"] = "strict"
+    """Detail 33: `strict` (a line `Preferred: A|B`, else unparsed: retried, then left out) or `released` (the text after
+    `Preferred:` stripped must be exactly A or B, anything else counts for the reference, a reply without `Comparison:`
+    or `Preferred:` gets a random verdict; one request per item). Both win rates are reported either way."""
     max_completion_tokens_param: bool = False
     """send the limit as `max_completion_tokens` (newer OpenAI models) instead of `max_tokens`"""
     concurrency: int = 16
@@ -163,7 +172,10 @@ def parse_args(argv: Optional[list[str]] = None) -> Args:
 # Detail 33: the judge prompt (the paper's protocol: system message, then this user message)
 # ------------------------------------------------------------------------------------------------------
 SYSTEM_PROMPT = "You are a helpful assistant."
-JUDGE_TEMPLATE = """Which of the following summaries does a better job of summarizing the most important points in the given forum post, without including unimportant or irrelevant details? Judge based on accuracy, coverage, and coherence.
+# Detail 33: the released template: a raw string that starts with a newline; its instruction line breaks after
+# "explaining which" with a backslash and a newline, and both characters stay in the prompt (the string is raw).
+JUDGE_TEMPLATE = r"""
+Which of the following summaries does a better job of summarizing the most important points in the given forum post, without including unimportant or irrelevant details? Judge based on accuracy, coverage, and coherence.
 
 ### Post:
 {post}
@@ -175,7 +187,8 @@ JUDGE_TEMPLATE = """Which of the following summaries does a better job of summar
 {summary_b}
 
 ### Instructions:
-FIRST provide a one-sentence comparison of the two summaries, explaining which you prefer and why. SECOND, on a new line, state only "A" or "B" to indicate your choice. Your response should use the format:
+FIRST provide a one-sentence comparison of the two summaries, explaining which \
+you prefer and why. SECOND, on a new line, state only "A" or "B" to indicate your choice. Your response should use the format:
 Comparison: <one-sentence comparison and explanation>
 Preferred: <"A" or "B">
 """
@@ -193,11 +206,8 @@ EST_COMPLETION_TOKENS = 50  # a one-sentence comparison + the verdict line
 
 
 def format_post(query: str) -> str:
-    """The post as shown to the judge: the query (subreddit, title, post) without the trailing "TL;DR:"."""
-    q = query.replace(PAD_TEXT, "").strip()
-    if q.endswith("TL;DR:"):
-        q = q[: -len("TL;DR:")].rstrip()
-    return q
+    """Detail 33: the post as shown to the judge is the whole stored query, stripped (`SUBREDDIT: ... TL;DR:`)."""
+    return query.strip()
 
 
 def clean_summary(text: str) -> str:
@@ -223,6 +233,33 @@ def parse_verdict(text: Optional[str]) -> Optional[str]:
         return None
     found = {m.group(1).upper() for line in text.splitlines() if (m := VERDICT_RE.match(line))}
     return found.pop() if len(found) == 1 else None
+
+
+def released_verdict(text: Optional[str], seed: int, item_id: str) -> str:
+    """Detail 33, the released accounting: a reply without `Comparison:` or `Preferred:` gets a random verdict
+    (here reproducible from (seed, id)); otherwise the text after `Preferred:`, stripped. Only an exact "A" or "B"
+    can win; anything else counts for the reference."""
+    text = text or ""
+    if "Comparison:" not in text or "Preferred:" not in text:
+        return "A" if candidate_is_a(seed, item_id, "released-random-verdict") else "B"
+    return text.split("Preferred:")[1].strip()
+
+
+def released_outcome(verdict_text: str, cand_is_a: bool) -> str:
+    """Win only when the released verdict is exactly the candidate's letter; anything else is a loss."""
+    return "win" if verdict_text == ("A" if cand_is_a else "B") else "loss"
+
+
+def accounting_comparison(rows: list[dict]) -> dict:
+    """Detail 33: the win rate under both accountings over the same judged items, and their difference."""
+    strict = [r for r in rows if r["strict_outcome"] in ("win", "loss", "tie")]
+    released = [r for r in rows if r["released_outcome"]]
+    m = {"strict_n_judged": len(strict), "released_n_judged": len(released)}
+    m["strict_win_rate"] = sum(r["strict_outcome"] == "win" for r in strict) / len(strict) if strict else float("nan")
+    m["released_win_rate"] = sum(r["released_outcome"] == "win" for r in released) / len(released) if released else float("nan")
+    m["accounting_win_rate_diff"] = m["released_win_rate"] - m["strict_win_rate"]  # released - strict
+    m["n_accounting_disagreements"] = sum(r["strict_outcome"] != r["released_outcome"] for r in released)
+    return m
 
 
 def candidate_is_a(seed: int, item_id: str, salt: str = "") -> bool:
@@ -271,7 +308,9 @@ def paired_diff_ci(x: np.ndarray, y: np.ndarray, z: float = Z95) -> tuple[float,
 
 def length_bins(log_ratio: np.ndarray, wins: np.ndarray, n_bins: int = 10) -> list[dict]:
     """Detail 34: win rate by response length, items binned by log(len(candidate) / len(reference)) in
-    tokens into `n_bins` equal-width bins between the smallest and the largest ratio (last bin closed)."""
+    tokens into `n_bins` equal-width bins between the smallest and the largest ratio (last bin closed).
+    DETAILS.md fixes the quantity and the count (10) as released; where the bin edges sit is this project's
+    choice (equal width over the observed range): other edges regroup the items, the per-item ratio is the same."""
     log_ratio, wins = np.asarray(log_ratio, dtype=float), np.asarray(wins, dtype=float)
     if len(log_ratio) == 0:
         return []
@@ -558,9 +597,9 @@ class OpenAIJudge:
         self.budget = budget
         self.rng = random.Random(args.seed + 7919)
         self.params: dict = {}
-        if args.judge_temperature is not None:
+        if args.judge_temperature is not None and not args.released_request:
             self.params["temperature"] = args.judge_temperature
-        if args.judge_max_tokens is not None:
+        if args.judge_max_tokens is not None and not args.released_request:  # Detail 33: released sends neither
             self.params["max_completion_tokens" if args.max_completion_tokens_param else "max_tokens"] = args.judge_max_tokens
         self.stats = {"n_retries": 0, "n_rate_limited": 0, "n_server_errors": 0, "n_timeouts": 0, "n_connection_errors": 0}
 
@@ -630,7 +669,8 @@ class GoldJudge:
     async def judge(self, query: str, a: str, b: str) -> Reply:
         p = float(self.gold.compare(query, a, b))  # P(a preferred over b): 1.0 / 0.0 / 0.5 (tie)
         verdict = "A" if p > 0.5 else ("B" if p < 0.5 else "tie")
-        return Reply(verdict, f"gold compare={p}")
+        # in the judge's reply format, so that the released accounting reads it too (a tie counts for the reference)
+        return Reply(verdict, f"Comparison: gold compare={p}\nPreferred: {verdict}")
 
     async def close(self):
         pass
@@ -1025,6 +1065,10 @@ def main(args: Args) -> dict:
         raise ValueError(f"--n_length_bins must be >= 1, got {args.n_length_bins}")
     if args.head_to_head and not args.compare_samples:
         raise ValueError("--head_to_head needs --compare_samples")
+    if args.accounting not in ("strict", "released"):
+        raise ValueError(f"--accounting must be 'strict' or 'released', got {args.accounting!r}")
+    if args.accounting == "released":  # Detail 33: the released evaluation asked once per item, no retry on its reply
+        args = dataclasses.replace(args, max_unparsed_retries=0)
     os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.output_dir, "args.json"), "w") as f:
         json.dump(dataclasses.asdict(args), f, indent=2)
@@ -1094,11 +1138,22 @@ def main(args: Args) -> dict:
         if cache is not None:
             cache.close()
     elapsed = time.time() - t0
+    # Detail 33: both accountings of every answered item; --accounting picks the one behind all the statistics
+    for r in judged:
+        r["strict_outcome"], r["released_outcome"] = r["outcome"], ""
+        if r["outcome"] in ("win", "loss", "tie", "unparsed"):  # the judge answered
+            r["released_verdict"] = released_verdict(r["judge_text"], args.seed, f"{r['set']}:{r['id']}")
+            r["released_outcome"] = released_outcome(r["released_verdict"], r["candidate_position"] == "A")
+            if args.accounting == "released":
+                r["outcome"] = r["released_outcome"]
+        else:
+            r["released_verdict"] = ""
 
-    metrics: dict = {"_judge_model": backend.model}
+    metrics: dict = {"_judge_model": backend.model, "accounting_released": int(args.accounting == "released")}
     by_set = {s: [r for r in judged if r["set"] == s] for s in set_names}
     for s in set_names:
         m = summarize(by_set[s], args.n_length_bins)
+        m.update(accounting_comparison(by_set[s]))
         p = "" if s == "candidate" else f"{s}_"
         metrics.update({f"{p}{k}": v for k, v in m.items()})
     if "compare" in by_set:
@@ -1123,6 +1178,14 @@ def main(args: Args) -> dict:
     with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
         json.dump(json_safe(metrics), f, indent=2)
     print_tables(metrics, set_names, labels)
+    for s in set_names:
+        p = "" if s == "candidate" else f"{s}_"
+        console.print(
+            f"{labels[s]}: win rate {_fmt(metrics[f'{p}strict_win_rate'])} strict ({metrics[f'{p}strict_n_judged']} judged), "
+            f"{_fmt(metrics[f'{p}released_win_rate'])} with the released accounting ({metrics[f'{p}released_n_judged']}); "
+            f"difference {100 * metrics[f'{p}accounting_win_rate_diff']:+.1f} pts, "
+            f"{metrics[f'{p}n_accounting_disagreements']} items disagree [headline: {args.accounting}]"
+        )
     if n_missing:
         console.print(
             f"[yellow]stopped early (budget): {n_missing} of {len(judged)} judgements missing; "

@@ -131,6 +131,8 @@ class Args:
     """Detail 28"""
 
     # evaluation (Detail 13, 31)
+    split: str = "validation"
+    """the SFT split whose queries are sampled at evaluation: `validation` as released, or `test`"""
     eval_every: int = 200
     """evaluate every this many updates (0: only at the end)"""
     eval_at_start: bool = False
@@ -156,6 +158,8 @@ class Args:
     # DeepSpeed (Detail 30)
     offload: bool = False
     """run the reference and reward models on the CPU (ZeRO-3 parameter offload under DeepSpeed), as for 6.9B"""
+    bf16_on_cpu: bool = False
+    """bf16 mixed precision without CUDA too (elsewhere it comes from the launch config; lets the tests run it on CPU)"""
 
     # debugging and tests
     debug_stop_after_update: Optional[int] = None
@@ -380,7 +384,8 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
     """Normalise to unit variance over the masked entries; shift_mean=False keeps the mean."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    # Detail 27 (and 26): the population (biased) variance of the valid entries, + 1e-8 inside the root, as released
+    mean, var = masked_mean(x, mask), masked_var(x, mask, unbiased=False)
     whitened = (x - mean) * torch.rsqrt(var + 1e-8)
     return whitened if shift_mean else whitened + mean
 
@@ -749,7 +754,7 @@ def main(args: Args):
         torch.set_num_threads(args.num_threads)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     sizes = batch_arithmetic(args, world_size)  # fail before any model is loaded
-    accelerator = make_accelerator()
+    accelerator = make_accelerator(mixed_precision="bf16" if args.bf16_on_cpu else None)
     console = Console(force_terminal=False) if accelerator.is_main_process else Console(quiet=True)
     rank = accelerator.process_index
     os.makedirs(args.output_dir, exist_ok=True)
@@ -761,13 +766,13 @@ def main(args: Args):
     if not os.path.isdir(sft_dir):
         raise ValueError(f"dataset_path {args.dataset_path!r} has no 'sft' DatasetDict (tldr_dataset.py output)")
     data = load_from_disk(sft_dir)
-    for split in ("train", "validation"):
+    for split in ("train", args.split):
         if split not in data or "query_token" not in data[split].column_names:
             raise ValueError(f"{sft_dir}: split {split!r} with a 'query_token' column is required")
     train_queries = torch.tensor(data["train"]["query_token"], dtype=torch.long)
     if train_queries.size(0) < args.total_batch_size:
         raise ValueError(f"{sft_dir} train has {train_queries.size(0)} rows, fewer than total_batch_size {args.total_batch_size}")
-    val = data["validation"]
+    val = data[args.split]  # Detail 31: the evaluation queries (validation as released, or --split test)
     n_eval = len(val) if args.num_eval_samples is None else min(args.num_eval_samples, len(val))
     val = val.select(range(n_eval))
     eval_data = {k: val[k] for k in ("id", "query", "reference_response", "reference_response_token_len")}
@@ -1061,5 +1066,16 @@ def main(args: Args):
         torch.distributed.destroy_process_group()
 
 
+def exit_without_finalization():
+    """End a multi-process rank once every output is written. After a DDP wrapper was built, torch keeps the gloo
+    process group and its worker threads alive past destroy_process_group; a worker still busy when the interpreter
+    finalizes aborts the rank ("terminate called without an active exception"). os._exit skips that phase."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 if __name__ == "__main__":
     main(parse_args())
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        exit_without_finalization()

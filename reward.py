@@ -106,7 +106,9 @@ class Args:
     num_train_pairs: Optional[int] = None
     """use a seeded random subset of N training pairs (after dropping identical pairs); None = all"""
     bf16: bool = True
-    """bf16 mixed precision when CUDA is available (ignored on CPU)"""
+    """bf16 mixed precision when CUDA is available (ignored on CPU unless --bf16_on_cpu)"""
+    bf16_on_cpu: bool = False
+    """take the bf16 autocast path without CUDA too (slow; lets the tests run it on CPU)"""
     identical_pairs: str = "skip"
     """pairs with chosen == rejected: `skip` (count, warn, skip) or `error` (ValueError)"""
 
@@ -617,7 +619,7 @@ def main(args: Args) -> Dict[str, float]:
     if args.identical_pairs not in ("skip", "error"):
         raise ValueError(f"--identical_pairs must be 'skip' or 'error', got {args.identical_pairs!r}")
     accelerator_probe = torch.cuda.is_available()
-    mixed = "bf16" if (args.bf16 and accelerator_probe) else "no"
+    mixed = "bf16" if (args.bf16 and (accelerator_probe or args.bf16_on_cpu)) else "no"
     world = int(os.environ.get("WORLD_SIZE", "1"))
     micro = args.per_device_train_batch_size
     if args.total_batch_size % (micro * world) != 0:
@@ -960,5 +962,16 @@ def gold_metrics(args: Args, rm: ScalarModel, tokenizer, val_ds: Optional[Datase
     return out
 
 
+def exit_without_finalization():
+    """End a multi-process rank once every output is written. After a DDP wrapper was built, torch keeps the gloo
+    process group and its worker threads alive past destroy_process_group; a worker still busy when the interpreter
+    finalizes aborts the rank ("terminate called without an active exception"). os._exit skips that phase."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 if __name__ == "__main__":
     main(parse_args())
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        exit_without_finalization()

@@ -53,7 +53,11 @@ class Args:
     loss_on_query: bool = True
     """Detail 12: as released, the query tokens are in the loss too; False restricts it to the response"""
     bf16: bool = True
-    """mixed precision bf16 where there is a GPU (ignored on CPU)"""
+    """mixed precision bf16 where there is a GPU (ignored on CPU unless --bf16_on_cpu)"""
+    bf16_on_cpu: bool = False
+    """take the bf16 autocast path without CUDA too (slow; lets the tests run it on CPU)"""
+    split: str = "validation"
+    """the SFT split whose queries are sampled for evaluation (Detail 13): `validation` as released, or `test`"""
     eval_every: int = 100
     """validation loss every N updates (0: only at the end)"""
     num_eval_samples: int = 256
@@ -185,10 +189,20 @@ def sft_labels(ids: torch.Tensor, pad_id: int, query_lens: Optional[torch.Tensor
     return labels
 
 
-def sft_loss(model, ids: torch.Tensor, pad_id: int, query_lens: Optional[torch.Tensor] = None) -> torch.Tensor:
-    labels = sft_labels(ids, pad_id, query_lens)
+def sequence_losses(model, ids: torch.Tensor, pad_id: int, query_lens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Each sequence's own token-mean cross-entropy, shape (batch,)."""
+    labels = sft_labels(ids, pad_id, query_lens)[:, 1:]
+    # fp32 logits: the log-softmax runs in fp32 also under bf16 autocast (CPU autocast would keep it in bf16)
     logits = forward(model, ids, pad_id).logits[:, :-1].float()
-    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+    token_losses = nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    return token_losses.sum(1) / (labels != -100).sum(1).clamp(min=1)
+
+
+def sft_loss(model, ids: torch.Tensor, pad_id: int, query_lens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    # Detail 12: as released (one sequence per micro-batch, then accumulation), the loss is the mean over the
+    # sequences of each one's token-mean, at any micro-batch size: with equal micro-batches, accumulation's
+    # average of these means is the mean over all the update's sequences.
+    return sequence_losses(model, ids, pad_id, query_lens).mean()
 
 
 def trim_right(ids: torch.Tensor, pad_id: int) -> torch.Tensor:
@@ -243,16 +257,15 @@ def validation_loss(model, loader, pad_id: int, accelerator, max_batches: Option
         if max_batches is not None and i >= max_batches:
             break
         ids = trim_right(batch["query_reference_response_token"], pad_id)
-        n = (ids[:, 1:] != pad_id).sum()
-        total += sft_loss(model, ids, pad_id) * n
-        count += n
+        total += sequence_losses(model, ids, pad_id).sum()  # Detail 12: the mean of per-sequence token-means
+        count += ids.shape[0]
     model.train()
     total, count = accelerator.reduce(total), accelerator.reduce(count)
     return (total / count).item()
 
 
 def sample_and_judge(model, dataset, tokenizer, args: Args, accelerator, judge=None, tag: str = "sft"):
-    """Detail 13 samples on validation queries, ROUGE-L against the references and the gold win rate."""
+    """Detail 13 samples on the queries of `dataset` (--split), ROUGE-L against the references, the gold win rate."""
     from rouge_score import rouge_scorer
 
     unwrapped = accelerator.unwrap_model(model)
@@ -354,11 +367,20 @@ def check_batch_arithmetic(args: Args, world_size: int) -> int:
     return args.total_batch_size // per_step
 
 
+def exit_without_finalization():
+    """End a multi-process rank once every output is written. After a DDP wrapper was built, torch keeps the gloo
+    process group and its worker threads alive past destroy_process_group; a worker still busy when the interpreter
+    finalizes aborts the rank ("terminate called without an active exception"). os._exit skips that phase."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 if __name__ == "__main__":
     import datasets
 
     args = parse_args()
-    use_bf16 = args.bf16 and torch.cuda.is_available()
+    use_bf16 = args.bf16 and (torch.cuda.is_available() or args.bf16_on_cpu)
     accelerator = make_accelerator(mixed_precision="bf16" if use_bf16 else "no")
     grad_accum = check_batch_arithmetic(args, accelerator.num_processes)
     configure_deepspeed(accelerator, args.per_device_train_batch_size, grad_accum)
@@ -373,7 +395,7 @@ if __name__ == "__main__":
     if not os.path.isdir(sft_path):
         raise FileNotFoundError(f"{sft_path} not found: build the data set first with tldr_dataset.py")
     data = datasets.load_from_disk(sft_path)
-    for split in ("train", "validation"):
+    for split in ("train", "validation", args.split):
         if split not in data or len(data[split]) == 0:
             raise ValueError(f"{sft_path}: split {split!r} is missing or empty")
     tokenizer = load_tokenizer(args.base_model)
@@ -394,7 +416,7 @@ if __name__ == "__main__":
     metrics = {}
     if args.eval_base and judge is not None and not args.resume:
         set_seed(args.seed + accelerator.process_index * 100003)  # Detail 10: sampling differs per process
-        base_metrics, _ = sample_and_judge(model, data["validation"], tokenizer, args, accelerator, judge, tag="base")
+        base_metrics, _ = sample_and_judge(model, data[args.split], tokenizer, args, accelerator, judge, tag="base")
         metrics.update(base_metrics)
         console.print(f"base model: gold win rate {base_metrics['base_gold_win_rate']:.3f}")
 
@@ -479,7 +501,7 @@ if __name__ == "__main__":
     metrics["train_loss"] = row["train/loss"] if update else float("nan")
     metrics["updates"] = update
     set_seed(args.seed + accelerator.process_index * 100003)  # Detail 10
-    eval_metrics, rows = sample_and_judge(model, data["validation"], tokenizer, args, accelerator, judge, tag="sft")
+    eval_metrics, rows = sample_and_judge(model, data[args.split], tokenizer, args, accelerator, judge, tag="sft")
     metrics.update(eval_metrics)
     if judge is not None:
         metrics["gold_win_rate"] = metrics["sft_gold_win_rate"]
@@ -496,8 +518,14 @@ if __name__ == "__main__":
                 f.write(json.dumps(r) + "\n")
         with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=2)
-        print_samples(rows, "SFT samples (validation, near-greedy)")
+        print_samples(rows, f"SFT samples ({args.split}, near-greedy)")
         console.print({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
         if args.track:
             wandb.log({f"final/{k}": v for k, v in metrics.items()})
             wandb.finish()
+    if log:
+        log.close()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()  # destroys the process group of a multi-process run
+    if accelerator.num_processes > 1:
+        exit_without_finalization()

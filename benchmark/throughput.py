@@ -345,7 +345,7 @@ def worker_ppo(args: Args, task: dict, run_dir: str) -> dict:
     ppo.generate = recording_generate
     argv = ["--preset", "paper", "--sft_model_path", task["sft_dir"], "--reward_model_path", task["rm_dir"],
             "--dataset_path", task["dataset_dir"], "--output_dir", run_dir,
-            "--total_episodes", str(args.batch_size * args.num_updates), "--batch_size", str(args.batch_size),
+            "--total_episodes", str(args.batch_size * args.num_updates), "--total_batch_size", str(args.batch_size),
             "--per_device_train_batch_size", str(args.per_device_train_batch_size),
             "--num_mini_batches", str(args.num_mini_batches), "--num_ppo_epochs", str(args.num_ppo_epochs),
             "--local_rollout_forward_batch_size", str(args.local_rollout_forward_batch_size),

@@ -11,6 +11,7 @@ directives (N = how many times, default 1):
   500xN        500 Internal Server Error
   timeoutxN    sleep ``sleep_s`` seconds before answering (longer than the client timeout)
   malformedxN  200 with a verdict line that cannot be parsed; "malformed" alone = always malformed
+  garbledxN    200 with neither `Comparison:` nor `Preferred:`; "garbled" alone = always garbled
   dropxN       close the connection without any answer (connection error)
 Counts are kept per prompt (sha256 of the user message): every request, and every 200 answer ("paid").
 ``hook(server, n_paid)`` is called in the handler thread before a 200 is sent; it can ``freeze()`` the
@@ -28,7 +29,7 @@ import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-FAULT_RE = re.compile(r"\[fault=(429|500|timeout|malformed|drop)(?:x(\d+))?\]")
+FAULT_RE = re.compile(r"\[fault=(429|500|timeout|malformed|garbled|drop)(?:x(\d+))?\]")
 
 
 def extract_summaries(user_message: str) -> tuple[str, str]:
@@ -134,9 +135,9 @@ class FakeJudgeServer:
                     server.last_body = req
                     nth = server.requests[key]  # 1-based index of this request for this prompt
                 faults = FAULT_RE.findall(user)
-                malformed = False
+                malformed = garbled = False
                 for kind, times in faults:
-                    limit = int(times) if times else (10**9 if kind == "malformed" else 1)
+                    limit = int(times) if times else (10**9 if kind in ("malformed", "garbled") else 1)
                     if nth > limit:
                         continue
                     if kind == "429":
@@ -156,8 +157,12 @@ class FakeJudgeServer:
                         return
                     if kind == "malformed":
                         malformed = True
+                    if kind == "garbled":
+                        garbled = True
                 v = server.verdict(user)
-                if malformed:
+                if garbled:
+                    content = "I think both summaries have merits."
+                elif malformed:
                     content = "Comparison: both are fine.\nPreferred: Summary " + v + " is better"
                 else:
                     content = f"Comparison: Summary {v} covers the key point.\nPreferred: {v}"

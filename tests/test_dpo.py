@@ -260,3 +260,43 @@ def test_dpo_end_to_end_writes_metrics(tiny_run_inputs, tmp_path):
     assert tokenizer.pad_token == "[PAD]"
     new, old = dpo.load_policy(str(out), tokenizer), dpo.load_policy(str(model_dir), tokenizer)
     assert not torch.equal(new.get_input_embeddings().weight, old.get_input_embeddings().weight)
+
+
+def test_bf16_autocast_logprobs_in_fp32(tok):
+    """Under bf16 autocast (the CUDA branch, here on CPU) the forward runs in bf16, the response log-probabilities
+    (log-softmax) in fp32: they match a float64 log-softmax of the same bf16 logits far below bf16 rounding."""
+    model = tiny_model(tok).eval()
+    pad = tok.pad_token_id
+    chosen = torch.tensor([[5, 6, 7, 0, pad, pad], [5, 6, 8, 9, 10, 0]])
+    rejected = torch.tensor([[5, 6, 11, 12, 0, pad], [5, 6, 13, 0, pad, pad]])
+    qlen = torch.tensor([2, 2])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        c, r = dpo.pair_logprobs(model, chosen, rejected, qlen, pad)
+        logits = dpo.forward(model, chosen, pad).logits
+    assert logits.dtype == torch.bfloat16 and c.dtype == torch.float32 and r.dtype == torch.float32
+    logp = torch.log_softmax(logits.double(), -1)
+    manual = [sum(logp[b, t - 1, chosen[b, t]] for t in range(2, 6) if chosen[b, t] != pad) for b in range(2)]
+    torch.testing.assert_close(c.double(), torch.stack(manual), atol=1e-5, rtol=0)
+    losses, _, _ = dpo.dpo_loss(c, r, c.detach(), r.detach(), 0.05)
+    assert losses.dtype == torch.float32 and torch.allclose(losses, torch.full_like(losses, math.log(2)))
+
+
+def test_bf16_on_cpu_run_and_test_split(tiny_run_inputs, tmp_path):
+    """dpo.py's bf16 branch end to end on CPU (--bf16_on_cpu): finite losses, a policy that loads; --split test
+    samples the test split's queries."""
+    data, model_dir = tiny_run_inputs
+    out = tmp_path / "dpo_bf16"
+    cmd = [sys.executable, os.path.join(ROOT, "dpo.py"), "--preset", "embedded", "--sft_model_path", str(model_dir),
+           "--dataset_path", str(data), "--output_dir", str(out), "--gold_task_dir", "None", "--total_batch_size", "8",
+           "--per_device_train_batch_size", "4", "--num_train_pairs", "32", "--num_val_pairs", "8", "--num_eval_samples", "8", "--eval_batch_size", "8",
+           "--response_length", "6", "--lr", "3e-3", "--per_device_eval_batch_size", "16", "--bf16_on_cpu", "--split", "test"]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    m = json.load(open(out / "metrics.json"))
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert m["updates"] == 4 and all(math.isfinite(r["train/loss"]) for r in rows) and math.isfinite(m["val_loss"])
+    assert m["initial_train_loss"] == pytest.approx(math.log(2), abs=1e-3)  # policy == reference (bf16 forwards)
+    samples = [json.loads(line) for line in open(out / "eval_samples.jsonl")]
+    assert len(samples) == 4 and all(s["id"].startswith("test") for s in samples)
+    policy = dpo.load_policy(str(out), dpo.load_tokenizer(str(out)))
+    assert policy.get_input_embeddings().weight.dtype == torch.float32

@@ -84,14 +84,22 @@ def test_detail33_parse_verdict_strict():
 
 
 def test_detail33_prompt_and_order():
-    msgs = E.build_messages("SUBREDDIT: r/x\n\nTITLE: t\n\nPOST: the post\n\nTL;DR:", " first<|endoftext|>[PAD]", "second")
+    msgs = E.build_messages("  SUBREDDIT: r/x\n\nTITLE: t\n\nPOST: the post\n\nTL;DR: \n", " first<|endoftext|>[PAD]", "second\n")
     assert msgs[0] == {"role": "system", "content": "You are a helpful assistant."}
-    user = msgs[1]["content"]
-    assert user.startswith("Which of the following summaries does a better job of summarizing the most important points")
-    assert "Judge based on accuracy, coverage, and coherence." in user
-    assert "### Post:\nSUBREDDIT: r/x\n\nTITLE: t\n\nPOST: the post\n\n### Summary A:\nfirst\n\n### Summary B:\nsecond\n" in user
-    assert "TL;DR:" not in user and "<|endoftext|>" not in user and "[PAD]" not in user
-    assert user.rstrip().endswith('Comparison: <one-sentence comparison and explanation>\nPreferred: <"A" or "B">')
+    # Detail 33: the released template byte for byte (a raw string: it starts with a newline and keeps the backslash
+    # and newline after "explaining which"); the post is the whole stored query stripped, TL;DR: included; the
+    # summaries are stripped, without EOS and pads
+    expect = (
+        "\nWhich of the following summaries does a better job of summarizing the most important points in the given "
+        "forum post, without including unimportant or irrelevant details? Judge based on accuracy, coverage, and "
+        "coherence.\n\n### Post:\nSUBREDDIT: r/x\n\nTITLE: t\n\nPOST: the post\n\nTL;DR:\n\n### Summary A:\nfirst\n\n"
+        "### Summary B:\nsecond\n\n### Instructions:\nFIRST provide a one-sentence comparison of the two summaries, "
+        "explaining which \\\nyou prefer and why. SECOND, on a new line, state only \"A\" or \"B\" to indicate your "
+        "choice. Your response should use the format:\nComparison: <one-sentence comparison and explanation>\n"
+        "Preferred: <\"A\" or \"B\">\n"
+    )
+    assert msgs[1]["content"] == expect
+    assert "explaining which \\\nyou" in msgs[1]["content"]  # a literal backslash, then a newline
     # the order is random per item, reproducible from (seed, id), about half each way
     orders = [E.candidate_is_a(1, f"id{i}") for i in range(400)]
     assert orders == [E.candidate_is_a(1, f"id{i}") for i in range(400)]
@@ -184,10 +192,42 @@ def test_detail33_request_is_the_paper_protocol(server, tmp_path):
     body = server.last_body
     assert body["model"] == "gpt-4-0125-preview" and body["temperature"] == 0.0 and body["max_tokens"] == 256
     assert body["messages"][0] == {"role": "system", "content": "You are a helpful assistant."}
-    assert body["messages"][1]["content"].startswith("Which of the following summaries")
+    assert body["messages"][1]["content"].startswith("\nWhich of the following summaries")  # Detail 33: as released
     E.main(args_for(server, path, tmp_path / "b", judge_model="o-model", judge_temperature=None, max_completion_tokens_param=True))
     body = server.last_body
     assert "temperature" not in body and "max_tokens" not in body and body["max_completion_tokens"] == 256
+
+
+def test_detail33_released_request_and_accounting_switches(server, tmp_path):
+    """Detail 33: --released_request sends neither temperature nor max_tokens; the released accounting counts a
+    verdict that is not exactly A/B for the reference and draws a reply without Comparison:/Preferred: at random;
+    both win rates and their difference are reported whichever accounting is the headline."""
+    n = 10  # every candidate carries the marker: a well-formed verdict always prefers it
+    suffix = {0: " [fault=malformed]", 1: " [fault=malformed]", 2: " [fault=garbled]"}
+    path = write_samples(tmp_path / "s.jsonl", n, suffix=suffix)
+    m = E.main(args_for(server, path, tmp_path / "strict", released_request=True, max_unparsed_retries=1))
+    body = server.last_body
+    assert "temperature" not in body and "max_tokens" not in body and "max_completion_tokens" not in body
+    # item 2's random verdict: reproducible from (seed, set, id); the candidate wins when it names its letter
+    random_letter = E.released_verdict("no markers", 3, "candidate:p2")
+    random_win = int(random_letter == ("A" if E.candidate_is_a(3, "p2") else "B"))
+    assert m["accounting_released"] == 0 and m["n_unparsed"] == 3 and m["win_rate"] == 1.0  # 7 of 7 parsed
+    assert m["strict_win_rate"] == 1.0 and m["released_n_judged"] == 10
+    assert m["released_win_rate"] == pytest.approx((7 + random_win) / 10)  # "Summary A is better" -> reference
+    assert m["accounting_win_rate_diff"] == pytest.approx((7 + random_win) / 10 - 1.0)
+    assert server.n_requests == n + 3  # strict: one retry per unparsed reply
+    server.reset_counts()
+    r = E.main(args_for(server, path, tmp_path / "released", accounting="released", judge_temperature=None,
+                        judge_max_tokens=None))
+    assert server.n_requests == n  # released: one request per item, no retry
+    assert r["accounting_released"] == 1 and r["n_unparsed"] == 0 and r["n_judged"] == 10
+    assert r["win_rate"] == pytest.approx((7 + random_win) / 10) == r["released_win_rate"]
+    assert r["strict_win_rate"] == 1.0 and r["n_accounting_disagreements"] == 3  # unparsed (strict) vs counted
+    rows = {row["id"]: row for row in read_csv(tmp_path / "released" / "judgements.csv")}
+    assert rows["p0"]["strict_outcome"] == "unparsed" and rows["p0"]["outcome"] == "loss"
+    assert rows["p0"]["released_verdict"] == "Summary A is better" or rows["p0"]["released_verdict"] == "Summary B is better"
+    assert E.released_verdict("Comparison: x\nPreferred:  B \n", 0, "i") == "B"
+    assert E.released_outcome("A", True) == "win" and E.released_outcome('"A"', True) == "loss"
 
 
 def test_detail33_order_randomisation_unswaps(server, tmp_path):
@@ -422,6 +462,12 @@ def test_detail13_model_path_generates_then_judges(tmp_path, pythia_tokenizer_di
         assert set(E.SAMPLE_FIELDS) <= set(s) and 1 <= s["response_token_len"] <= 12
         assert "<|endoftext|>" not in s["response"] and "[PAD]" not in s["response"]
     assert samples[0]["reference"] == "short 0" and samples[0]["query"].endswith("TL;DR:")
+    # --split test samples the test split's queries (validation is the default, as released)
+    assert E.Args().split == "validation"
+    E.main(E.Args(model_path=str(model_dir), dataset_path=str(data), split="test", response_length=4, judge="gold",
+                  gold_task_dir=str(tmp_path), output_dir=str(tmp_path / "judge_test")))
+    ids = [json.loads(line)["id"] for line in open(tmp_path / "judge_test" / "eval_samples.jsonl")]
+    assert ids == ["test0", "test1"]
 
 
 def test_real_gold_judge_of_the_embedded_task(tmp_path):

@@ -624,3 +624,31 @@ def test_detail18_validation_cnndm_reported_separately(pythia_tokenizer_dir, tmp
     assert metrics["val_cnndm_accuracy"] == pytest.approx(np.mean([m > 0 for m in margins]))
     assert metrics["val_cnndm_reward_margin"] == pytest.approx(np.mean(margins), abs=1e-4)
     assert "val_cnndm_accuracy/confidence_7" in metrics and "val_cnndm_accuracy/policies_ref_vs_sup2" in metrics
+
+
+def test_bf16_on_cpu_head_loss_and_save(fake_run, tmp_path):
+    """reward.py's bf16 branch (taken under CUDA) on CPU with --bf16_on_cpu: the trunk and the RM head run under bf16
+    autocast, the pairwise loss is finite, and the saved model (fp32 weights, normalised bias) loads back."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)  # accelerate keeps one mixed-precision setting per process
+    head_dtypes = []
+    original = reward.ScalarModel.from_sft
+
+    def from_sft(*a, **kw):
+        model = original(*a, **kw)
+        model.scalar_head.register_forward_hook(lambda m, i, o: head_dtypes.append(o.dtype))
+        return model
+
+    reward.ScalarModel.from_sft = from_sft
+    try:
+        out = tmp_path / "rm_bf16"
+        metrics = reward.main(_args(fake_run, out, bf16=True, bf16_on_cpu=True, num_train_pairs=48, num_val_pairs=16))
+    finally:
+        reward.ScalarModel.from_sft = original
+        AcceleratorState._reset_state(True)
+    assert head_dtypes and set(head_dtypes) == {torch.bfloat16}
+    assert metrics["num_updates"] == 3 and math.isfinite(metrics["train_loss"]) and math.isfinite(metrics["val_loss"])
+    loaded = reward.ScalarModel.from_pretrained(out)
+    assert loaded.scalar_head.weight.dtype == torch.float32
+    assert loaded.scalar_head.bias.item() == pytest.approx(metrics["head_bias"], abs=1e-6)

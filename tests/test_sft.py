@@ -1,6 +1,7 @@
 """sft.py: the SFT-side details on a tiny random GPT-NeoX, and a short end-to-end run (real data path)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -68,11 +69,38 @@ def test_detail12_loss_matches_manual(tok):
     pad = tok.pad_token_id
     ids = torch.tensor([[5, 6, 7, 8, pad, pad], [9, 10, 11, 12, 13, 14]])
     logp = torch.log_softmax(sft.forward(model, ids, pad).logits, -1)
-    terms = [-logp[b, t, ids[b, t + 1]] for b in range(2) for t in range(5) if ids[b, t + 1] != pad]
-    torch.testing.assert_close(sft.sft_loss(model, ids, pad), torch.stack(terms).mean())
+    per_seq = [torch.stack([-logp[b, t, ids[b, t + 1]] for t in range(5) if ids[b, t + 1] != pad]).mean() for b in range(2)]
+    torch.testing.assert_close(sft.sft_loss(model, ids, pad), torch.stack(per_seq).mean())
     # trimming the all-pad columns changes nothing
     torch.testing.assert_close(sft.sft_loss(model, sft.trim_right(torch.cat([ids, torch.full((2, 3), pad)], 1), pad), pad),
                                sft.sft_loss(model, ids, pad))
+
+
+def test_detail12_loss_is_mean_of_per_sequence_means_at_any_micro_batch(tok):
+    """Detail 12: as released, the update's loss is the mean over its sequences of each sequence's token-mean (not one
+    token-mean over the batch), whatever the micro-batch size and the accumulation."""
+    model = tiny_model(tok).eval()
+    pad = tok.pad_token_id
+    ids = torch.tensor([[5, 6, pad, pad, pad, pad, pad], [9, 10, 11, 12, 13, 14, 15], [7, 8, 9, pad, pad, pad, pad],
+                        [20, 21, 22, 23, 24, pad, pad]])
+    logp = torch.log_softmax(sft.forward(model, ids, pad).logits.double(), -1)
+    terms = [[-logp[b, t, ids[b, t + 1]] for t in range(ids.shape[1] - 1) if ids[b, t + 1] != pad] for b in range(4)]
+    mean_of_means = torch.stack([torch.stack(t).mean() for t in terms]).mean().float()
+    token_mean = torch.stack([x for t in terms for x in t]).mean().float()
+    assert abs(mean_of_means - token_mean) > 1e-3  # the two weightings differ on this batch
+    loss = sft.sft_loss(model, ids, pad)
+    torch.testing.assert_close(loss, mean_of_means, atol=1e-6, rtol=1e-5)
+    # micro-batch 1 with accumulation 4 (the released setting) and 2 x 2 give the same update loss and gradient
+    for micro in (1, 2):
+        model.zero_grad()
+        acc = sum(sft.sft_loss(model, ids[i : i + micro], pad) / (4 // micro) for i in range(0, 4, micro))
+        acc.backward()
+        grad = model.gpt_neox.embed_in.weight.grad.clone()
+        model.zero_grad()
+        loss = sft.sft_loss(model, ids, pad)
+        loss.backward()
+        torch.testing.assert_close(acc, loss, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(grad, model.gpt_neox.embed_in.weight.grad, atol=1e-6, rtol=1e-5)
 
 
 def test_detail21_truncate_after_first_eos():
@@ -181,3 +209,33 @@ def test_sft_end_to_end_and_resume(tiny_run_inputs, tmp_path):
     assert ckpt["update"] == 4
     m2 = run_sft(data, model_dir, b, "--resume")
     assert m2["val_loss"] == pytest.approx(m["val_loss"], rel=1e-5)
+
+
+def test_bf16_autocast_loss_has_fp32_log_softmax(tok):
+    """Under bf16 autocast (the CUDA branch, here on CPU) the model computes in bf16 but the loss's log-softmax
+    runs in fp32: it matches a float64 log-softmax of the same bf16 logits far closer than bf16 rounding (~1e-2)."""
+    model = tiny_model(tok).eval()
+    pad = tok.pad_token_id
+    ids = torch.tensor([[5, 6, 7, 8, pad, pad], [9, 10, 11, 12, 13, 14]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = sft.forward(model, ids, pad).logits
+        loss = sft.sft_loss(model, ids, pad)
+    assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32 and torch.isfinite(loss)
+    logp = torch.log_softmax(logits.double(), -1)
+    per_seq = [torch.stack([-logp[b, t, ids[b, t + 1]] for t in range(5) if ids[b, t + 1] != pad]).mean() for b in range(2)]
+    assert abs(loss.item() - torch.stack(per_seq).mean().item()) < 1e-5
+
+
+def test_bf16_on_cpu_run_and_test_split(tiny_run_inputs, tmp_path):
+    """The bf16 branch of sft.py end to end on CPU (--bf16_on_cpu): it trains with finite losses and saves a model
+    that loads; --split test samples the test split's queries."""
+    data, model_dir = tiny_run_inputs
+    out = tmp_path / "bf16"
+    m = run_sft(data, model_dir, out, "--bf16_on_cpu", "--split", "test", "--save_every", "0", "--eval_every", "0")
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert m["updates"] == 8 and all(math.isfinite(r["train/loss"]) for r in rows) and math.isfinite(m["val_loss"])
+    assert rows[-1]["train/loss"] < rows[0]["train/loss"]
+    samples = [json.loads(line) for line in open(out / "eval_samples.jsonl")]
+    assert len(samples) == 8 and all(s["id"].startswith("test") for s in samples)
+    model = sft.load_policy(str(out), sft.load_tokenizer(str(out)))
+    assert model.get_input_embeddings().weight.dtype == torch.float32
