@@ -78,10 +78,11 @@ def missing_modules(names) -> list:
 
 
 def package_versions() -> dict:
+    """Installed versions of VERSIONS (the import names are the distribution names); None where not importable."""
     versions = {}
     for name in VERSIONS:
         try:
-            versions[name] = metadata.version(name)
+            versions[name] = None if missing_modules([name]) else metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
     return versions
