@@ -72,7 +72,6 @@ def test_ratio_check_fails_when_training_differs_from_the_rollout(monkeypatch):
     r = gpu_check.ratio_check("cpu", "tiny", "fp32", tokenizer_dir="")
     assert not r["ok"] and r["max_abs_ratio_minus_1"] > gpu_check.RATIO_TOL["fp32"]
     assert any("max |ratio - 1|" in msg for msg in r["problems"])
-    assert r["kl_max_abs_token"] == 0.0  # the rollout itself runs in eval mode: policy and reference still agree
 
 
 def test_table_printed_with_missing_module_and_hung_check(tmp_path, monkeypatch, capsys):
