@@ -369,7 +369,9 @@ def worker_ppo(args: Args, task: dict, run_dir: str) -> dict:
         rows = (rows + n) % args.batch_size
     out = phase_summary(updates, args.warmup_updates, args.batch_size)
     out.update(contexts=contexts[: len(updates)], response_length_mean=statistics.mean(
-        m["objective/response_length"] for m in metrics), peak_rss_mb=peak_rss_mb(), base_rss_mb=base_rss)
+        m["objective/response_length"] for m in metrics), peak_rss_mb=peak_rss_mb(), base_rss_mb=base_rss,
+        # update 1 before any optimizer step: ratio 1 on the first minibatch, KL 0 to the identical reference
+        first_minibatch_ratio_dev=metrics[0]["debug/first_minibatch_ratio_dev"], first_update_kl=metrics[0]["objective/kl"])
     if args.device == "cuda":
         out["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out

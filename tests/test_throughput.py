@@ -75,6 +75,9 @@ def test_benchmark_runs_ppo_half_and_reports_missing_trl(tmp_path):
     assert run["timed_updates"] == 1 and len(run["per_update"]) == 2
     assert all(v > 0 for u in run["per_update"] for v in u.values())
     assert len(run["contexts"]) == 2 and all(8 <= c <= 16 for c in run["contexts"])  # trimmed to the batch's longest
+    # fp32 on CPU: the first minibatch recomputes the rollout's log-probabilities exactly (ratio 1), and the policy
+    # has not moved from the reference yet (KL 0) when update 1's rollout runs
+    assert run["first_minibatch_ratio_dev"] < 1e-5 and run["first_update_kl"] == 0.0
     assert 0 < ppo_res["fraction_of_matmul_peak"] < 1.5 and ppo_res["peak_rss_mb"] > ppo_res["base_rss_mb"] > 0
     assert "ppo.py" in out and "of the measured float32 matmul peak" in out
 
