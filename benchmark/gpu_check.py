@@ -334,7 +334,7 @@ def prep_commands(py: str, work: str) -> list:
                   "--n_sft_val", "32", "--n_sft_test", "32", "--n_cmp_train", "64", "--n_cmp_val", "32",
                   "--n_pretrain_posts", "64", "--vocab_size", "500", "--pretrain_steps", "2"]),
         ("data", [py, "tldr_dataset.py", "--source", "embedded", "--task_dir", task,
-                  "--out_dir", os.path.join(work, "dataset")]),
+                  "--output_dir", os.path.join(work, "dataset")]),
     ]
 
 
@@ -345,7 +345,7 @@ def stage_commands(work: str) -> dict:
     common = ["--preset", "embedded", "--seed", "1", "--gold_task_dir", task, "--dataset_path", data]
     return {
         "sft": ("sft.py", [*common, "--base_model", os.path.join(task, "base-s"), "--output_dir", sft,
-                           "--num_epochs", "1", "--total_batch_size", "16", "--per_device_batch_size", "8",
+                           "--num_train_epochs", "1", "--total_batch_size", "16", "--per_device_train_batch_size", "8",
                            "--eval_every", "0", "--max_val_batches", "1", "--num_eval_samples", "8",
                            "--eval_batch_size", "8", "--save_every", "0", "--no-eval-base"]),
         "rm": ("reward.py", [*common, "--sft_model_path", sft, "--output_dir", rm, "--total_batch_size", "8",
@@ -354,12 +354,12 @@ def stage_commands(work: str) -> dict:
                              "--gen_batch_size", "8"]),
         # two updates with a checkpoint after the first: the ZeRO-2 save_state path too
         "ppo": ("ppo.py", [*common, "--sft_model_path", sft, "--reward_model_path", rm,
-                           "--output_dir", os.path.join(work, "ppo"), "--total_episodes", "32", "--batch_size", "16",
+                           "--output_dir", os.path.join(work, "ppo"), "--total_episodes", "32", "--total_batch_size", "16",
                            "--per_device_train_batch_size", "8", "--num_mini_batches", "2",
                            "--local_rollout_forward_batch_size", "16", "--eval_every", "0", "--no-eval-at-start",
                            "--num_eval_samples", "8", "--eval_batch_size", "8", "--save_every", "1"]),
         "dpo": ("dpo.py", [*common, "--sft_model_path", sft, "--output_dir", os.path.join(work, "dpo"),
-                           "--num_train_pairs", "32", "--total_batch_size", "16", "--per_device_batch_size", "8",
+                           "--num_train_pairs", "32", "--total_batch_size", "16", "--per_device_train_batch_size", "8",
                            "--num_val_pairs", "16", "--per_device_eval_batch_size", "16", "--num_eval_samples", "8",
                            "--eval_batch_size", "8", "--no-eval-reference"]),
     }

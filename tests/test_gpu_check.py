@@ -112,7 +112,7 @@ def test_stage_commands_parse_with_the_stage_flags(tmp_path):
     task_args = tyro.cli(embedded_task.Args, args=prep["task"][2:], use_underscores=True)
     assert task_args.sizes == "s" and task_args.pretrain_steps == 2
     data_args = tyro.cli(tldr_dataset.Args, args=prep["data"][2:])
-    assert data_args.source == "embedded" and data_args.out_dir == os.path.join(work, "dataset")
+    assert data_args.source == "embedded" and data_args.output_dir == os.path.join(work, "dataset")
 
     stages = gpu_check.stage_commands(work)
     assert [s for s, _ in stages.values()] == ["sft.py", "reward.py", "ppo.py", "dpo.py"]
