@@ -125,8 +125,8 @@ def test_stage_commands_parse_with_the_stage_flags(tmp_path):
     assert parsed["ppo"].reward_model_path == parsed["rm"].output_dir
     sizes = ppo.batch_arithmetic(parsed["ppo"], world_size=1)
     assert sizes.num_updates == 2 and parsed["ppo"].save_every == 1  # a checkpoint between the two updates
-    assert parsed["sft"].total_batch_size % parsed["sft"].per_device_batch_size == 0
-    assert parsed["dpo"].total_batch_size % parsed["dpo"].per_device_batch_size == 0
+    assert parsed["sft"].total_batch_size % parsed["sft"].per_device_train_batch_size == 0
+    assert parsed["dpo"].total_batch_size % parsed["dpo"].per_device_train_batch_size == 0
     assert parsed["rm"].total_batch_size % parsed["rm"].per_device_train_batch_size == 0
     launch = gpu_check.launcher(sys.executable, "deepspeed")
     assert launch[1:3] == ["-m", "accelerate.commands.launch"] and launch[-2:] == ["--num_processes", "1"]
