@@ -1,0 +1,55 @@
+"""benchmark/quickstart_seeds.py on fake finished runs: mean ± std over seeds, per-seed paired CIs, README block."""
+
+import json
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmark"))
+
+import quickstart_seeds as qs  # noqa: E402
+
+
+def fake_runs(root, lows):
+    for seed, low in zip((1, 2, 3), lows):
+        d = root / f"seed{seed}"
+        d.mkdir(parents=True)
+        (d / "summary.json").write_text(json.dumps({
+            "sft_gold_win_rate": 0.1 * seed, "ppo_gold_win_rate": 0.2 * seed, "judge_diff_win_rate": 0.1 * seed,
+            "judge_diff_win_rate_ci_low": low, "judge_diff_win_rate_ci_high": low + 0.1, "wall_seconds": 600 + seed}))
+
+
+def test_summary_json_and_readme_block(tmp_path):
+    fake_runs(tmp_path / "runs", lows=(0.01, 0.02, 0.03))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# T\n\nintro\n\n{qs.START}\nSTALE\n{qs.END}\n\nafter\n")
+    out = qs.main(qs.Args(out_root=str(tmp_path / "runs"), run=False, json_out=str(tmp_path / "r.json"),
+                          readme=str(readme)))
+    js = json.loads((tmp_path / "r.json").read_text())
+    assert js == out and js["seeds"] == [1, 2, 3]
+    assert js["mean"]["ppo_gold_win_rate"] == pytest.approx(0.4)
+    assert js["std"]["sft_gold_win_rate"] == pytest.approx(0.1 * (2 / 3) ** 0.5)  # population std over seeds
+    assert js["mean"]["ppo_final_kl"] is None  # absent from every summary
+    assert js["per_seed"]["2"]["ppo_minus_sft_ci"] == pytest.approx([0.02, 0.12])
+    assert js["every_seed_ci_above_zero"] is True
+    text = readme.read_text()
+    assert "STALE" not in text and text.startswith("# T\n\nintro") and text.rstrip().endswith("after")
+    row = next(ln for ln in text.splitlines() if ln.startswith("| PPO win rate"))
+    assert "0.400 ± 0.163" in row and row.endswith("| 0.200 | 0.400 | 0.600 |")
+    assert "+0.020 to +0.120" in text and "602" in text
+
+
+def test_a_seed_whose_ci_touches_zero_and_errors(tmp_path):
+    fake_runs(tmp_path / "runs", lows=(0.01, -0.01, 0.03))
+    out = qs.main(qs.Args(out_root=str(tmp_path / "runs"), run=False, json_out=str(tmp_path / "r.json"), readme=None))
+    assert out["every_seed_ci_above_zero"] is False
+    with pytest.raises(FileNotFoundError, match="seed4"):
+        qs.main(qs.Args(seeds="1,4", out_root=str(tmp_path / "runs"), run=False, json_out=str(tmp_path / "x.json"), readme=None))
+    with pytest.raises(ValueError, match="--seeds"):
+        qs.parse_seeds("1,two")
+    readme = tmp_path / "R.md"
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError, match="markers"):
+        qs.main(qs.Args(out_root=str(tmp_path / "runs"), run=False, json_out=str(tmp_path / "r.json"), readme=str(readme)))
