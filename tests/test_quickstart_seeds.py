@@ -53,3 +53,11 @@ def test_a_seed_whose_ci_touches_zero_and_errors(tmp_path):
     readme.write_text("no markers\n")
     with pytest.raises(ValueError, match="markers"):
         qs.main(qs.Args(out_root=str(tmp_path / "runs"), run=False, json_out=str(tmp_path / "r.json"), readme=str(readme)))
+
+
+def test_readme_is_a_door_with_the_generated_results_block():
+    """README stays short and its results table is the block this script writes (not hand-typed numbers)."""
+    text = open(os.path.join(ROOT, "README.md")).read()
+    assert len(text.splitlines()) <= 150
+    assert text.count(qs.START) == 1 and text.count(qs.END) == 1 and text.index(qs.START) < text.index(qs.END)
+    assert text.splitlines()[2].endswith("# whole pipeline, embedded task, CPU") and "python -m pytest -q" in text.splitlines()[3]
