@@ -60,4 +60,4 @@ def test_readme_is_a_door_with_the_generated_results_block():
     text = open(os.path.join(ROOT, "README.md")).read()
     assert len(text.splitlines()) <= 150
     assert text.count(qs.START) == 1 and text.count(qs.END) == 1 and text.index(qs.START) < text.index(qs.END)
-    assert text.splitlines()[2].endswith("# whole pipeline, embedded task, CPU") and "python -m pytest -q" in text.splitlines()[3]
+    assert text.splitlines()[3].endswith("# whole pipeline, embedded task, CPU") and "python -m pytest -q" in text.splitlines()[4]
