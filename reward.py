@@ -1,39 +1,26 @@
 """Reward-model stage of the TL;DR RLHF pipeline (CleanRL style, one self-contained file).
 
-A scalar reward model is built from the SFT model's trunk (GPT-NeoX) plus a `Linear(hidden, 1)` head and
-trained for one epoch on the pairwise preferences with `-logsigmoid(r_chosen - r_rejected)`. After training
-the reward is normalised so that the SFT training set's reference summaries score 0 on average (the shift
-goes into the head's bias, so the saved model carries it). The script then reports validation accuracy
-(overall / by confidence / by policy pair / CNN-DM), reward margin, and, on the embedded offline task
-(`--gold_task_dir`), agreement with the noiseless gold judge and correlations of RM scores with gold scores.
+The SFT model's trunk plus a `Linear(hidden, 1)` head, trained for one epoch on the pairwise preferences with
+`-logsigmoid(r_chosen - r_rejected)`, each training pair seen exactly once. The reward is then shifted so that
+the SFT training references score 0 on average (through the head's bias, so the saved model carries it), and
+validation accuracy is reported overall, by confidence, by policy pair and on CNN/DM.
 
     python reward.py --preset embedded --sft_model_path runs/quickstart/sft \
-        --dataset_path runs/quickstart/dataset --output_dir runs/quickstart/rm --gold_task_dir runs/quickstart/task
+        --dataset_path runs/quickstart/dataset --output_dir runs/quickstart/rm
     accelerate launch --num_processes 8 reward.py --sft_model_path models/sft_pythia-1b-deduped ...
 
-Batch arithmetic: total_batch_size = per_device_train_batch_size x gradient_accumulation_steps x processes;
-the accumulation steps are derived from the other three.
-
-Every training pair is seen exactly once across processes (Detail 16): the training set is shuffled once
-with a generator seeded by `--seed` inside accelerate's prepared DataLoader (a seedable sampler, identical
-permutation on every rank), and accelerate hands each rank a disjoint share of the batches. Only the
-`len(train) % total_batch_size` pairs that would form an incomplete last update are dropped (they are a
-random subset because of the shuffle; their count is reported as `train_pairs_dropped_remainder`), so no
-pair is ever duplicated to pad the last batch.
-
-Pairs whose chosen and rejected summaries are identical carry no preference signal: by default they are
-counted, reported with a warning and skipped (`--identical_pairs error` makes them a hard error instead).
+total_batch_size = per_device_train_batch_size x gradient_accumulation_steps x processes (the accumulation steps
+are derived). `--gold_task_dir` (embedded task only) adds the gold-judge metrics of embedded_diagnostics.py.
 """
 
 import json
 import math
 import os
-import random
 import resource
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -43,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, gather_object
+from accelerate.utils import DataLoaderConfiguration
 from datasets import Dataset, DatasetDict, load_from_disk
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -51,9 +38,7 @@ from rich.table import Table
 from transformers import (
     AutoConfig,
     AutoModel,
-    AutoModelForCausalLM,
     AutoTokenizer,
-    GenerationConfig,
     PretrainedConfig,
     PreTrainedModel,
 )
@@ -125,13 +110,10 @@ class Args:
     num_table_rows: int = 4
     """validation pairs shown in the rich table"""
     gold_task_dir: Optional[str] = None
-    """embedded-task directory: enables the gold-judge metrics (gold_agreement, correlations)"""
+    """embedded task only: its directory; adds the gold-judge metrics of embedded_diagnostics.py (gold_agreement,
+    correlations), which needs that file and embedded_task.py beside reward.py"""
     num_gold_samples: int = 256
-    """SFT near-greedy samples (Detail 13) generated for the RM-vs-gold correlation"""
-    gen_batch_size: int = 64
-    """queries per generate() call for the gold samples"""
-    gen_temperature: float = 0.01
-    """sampling temperature of the gold-eval samples (Detail 13)"""
+    """embedded task only (with --gold_task_dir): SFT validation posts for the RM-vs-gold correlations"""
     save_seen_ids: bool = False
     """debug: write the training pair indices each rank saw (and its initial head weights) to
     output_dir/seen_ids_rank{r}.json"""
@@ -149,10 +131,7 @@ PRESETS: Dict[str, Args] = {
         dataset_path="runs/quickstart/dataset",
         output_dir="runs/quickstart/rm",
         lr=1e-3,  # tiny, briefly pre-trained models need a far larger step than Pythia's 3e-6
-        # many small steps: on all 5,980 generated pairs, batches of 8 reach gold agreement 0.745 (label ceiling
-        # 0.756; 69 s) where 512 pairs in batches of 32 reached 0.649. The quickstart trains on the 2,500 pairs of
-        # SFT samples from collect_feedback.py instead (see there: only those rank the policy's own summaries).
-        total_batch_size=8,
+        total_batch_size=8,  # many small steps: on the tiny task batches of 8 agree with the gold judge more than 32
         per_device_train_batch_size=8,
         num_train_pairs=None,
         per_device_eval_batch_size=64,
@@ -321,26 +300,6 @@ def get_reward(model: nn.Module, ids: torch.Tensor, pad_id: int) -> torch.Tensor
     if (last < 0).any():
         raise ValueError("get_reward: a sequence consists only of pad tokens")
     return values[torch.arange(ids.shape[0], device=ids.device), last].float()
-
-
-def own_post_preference(model: nn.Module, queries: torch.Tensor, responses: torch.Tensor, pad_id: int,
-                        batch_size: int, own: Optional[torch.Tensor] = None) -> float:
-    """Share of summaries scored higher after their own post than after the previous row's post (ties count half).
-    A reward model that ignores the post sits at 0.5: a cheap check that it compares summary and post at all.
-    `queries` are left-padded to one width, `responses` right-padded to one width; `own` are the rewards of
-    (queries, responses) when the caller already has them (then only the swapped pairs are scored)."""
-    others = torch.roll(queries, 1, dims=0)
-    own_parts, swapped = [], []
-    with torch.no_grad():
-        for i in range(0, queries.shape[0], batch_size):
-            r = responses[i:i + batch_size]
-            if own is None:
-                pair = torch.cat([queries[i:i + batch_size], r], 1)
-                own_parts.append(get_reward(model, trim_padding(pair, pad_id), pad_id))
-            swapped.append(get_reward(model, trim_padding(torch.cat([others[i:i + batch_size], r], 1), pad_id), pad_id))
-    swapped = torch.cat(swapped)
-    own = torch.cat(own_parts) if own is None else own.to(swapped.device, swapped.dtype)
-    return float(((own > swapped).float() + 0.5 * (own == swapped).float()).mean())
 
 
 def trim_padding(ids: torch.Tensor, pad_id: int) -> torch.Tensor:
@@ -521,52 +480,6 @@ def validation_metrics(prefix: str, chosen: np.ndarray, rejected: np.ndarray, ds
     return m
 
 
-def rankdata(x: np.ndarray) -> np.ndarray:
-    """Ranks with ties averaged (for Spearman's correlation)."""
-    x = np.asarray(x, dtype=np.float64)
-    order = np.argsort(x, kind="mergesort")
-    ranks = np.empty(len(x))
-    ranks[order] = np.arange(len(x), dtype=np.float64)
-    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
-    sums = np.bincount(inverse, weights=ranks)
-    return sums[inverse] / counts[inverse]
-
-
-def pearson(a, b) -> float:
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if len(a) < 2 or a.std() == 0 or b.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(a, b)[0, 1])
-
-
-def spearman(a, b) -> float:
-    return pearson(rankdata(a), rankdata(b))
-
-
-def truncate_after_eos(responses: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tensor:
-    # Detail 21: every token after the first EOS -> pad
-    is_eos = responses == eos_id
-    after_first = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
-    return responses.masked_fill(after_first, pad_id)
-
-
-@torch.no_grad()
-def generate_greedy(policy, queries: torch.Tensor, pad_id: int, response_length: int, temperature: float):
-    # Detail 13: near-greedy evaluation sampling (T=0.01, top_k 0, top_p 1, exactly R new tokens, EOS does not stop)
-    config = GenerationConfig(max_new_tokens=response_length, min_new_tokens=None, temperature=temperature,
-                              top_k=0, top_p=1.0, do_sample=True, eos_token_id=None, pad_token_id=pad_id)
-    mask = queries != pad_id
-    # `generate` fills the config's unset (None) fields from the model's own generation config: lift its EOS too,
-    # or generation stops early once every row has emitted EOS.
-    saved_eos, policy.generation_config.eos_token_id = policy.generation_config.eos_token_id, None
-    try:
-        out = policy.generate(input_ids=queries.masked_fill(~mask, INVALID_PAD_ID), attention_mask=mask.long(),
-                              generation_config=config)
-    finally:
-        policy.generation_config.eos_token_id = saved_eos
-    return out[:, queries.shape[1]:]
-
-
 def pairs_table(ds: Dataset, chosen: np.ndarray, rejected: np.ndarray, n: int, title: str) -> Table:
     table = Table(title=title, show_lines=True)
     for col in ("post (start)", "policies", "chosen", "rejected", "r_chosen", "r_rejected"):
@@ -626,6 +539,7 @@ def main(args: Args) -> Dict[str, float]:
         raise ValueError(f"total_batch_size {args.total_batch_size} is not divisible by per_device_train_batch_size "
                          f"{micro} x processes {world}")
     grad_accum = args.total_batch_size // (micro * world)
+    # Detail 16: a seedable sampler gives every rank the same shuffle, of which each rank takes a disjoint share
     accelerator = make_accelerator(mixed_precision=mixed,
                                    dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
     configure_deepspeed(accelerator, micro, grad_accum)
@@ -689,9 +603,8 @@ def main(args: Args) -> Dict[str, float]:
     torch.manual_seed(args.seed)  # Detail 10: model init identical on every process
     model = ScalarModel.from_sft(args.sft_model_path, base_model=args.base_model)  # Detail 14: SFT trunk + scalar head
     maybe_resize(model.trunk, tokenizer)
-    model.config.base_config = model.trunk.config.to_dict()
     disable_dropout(model)  # Detail 7
-    model.config.base_config = model.trunk.config.to_dict()
+    model.config.base_config = model.trunk.config.to_dict()  # the saved config rebuilds this trunk (resized, no dropout)
     model.config.pad_token_id = pad_id
     init_head_weight = model.scalar_head.weight.detach().flatten()[:8].tolist()  # Detail 10: same on every rank
     optimizer, scheduler = make_optimizer_and_scheduler(model.parameters(), args.lr, args.eps, num_updates)
@@ -721,7 +634,7 @@ def main(args: Args) -> Dict[str, float]:
             micro_in_epoch = 0
             for batch in train_loader:
                 if micro_in_epoch >= (num_updates // args.num_train_epochs) * micro_per_update:
-                    break  # the incomplete last update (fewer than total_batch_size pairs) is dropped
+                    break  # the incomplete last update is dropped: no pair is repeated to fill it (Detail 16)
                 micro_in_epoch += 1
                 seen_rows.extend(batch["_row"].tolist())
                 with accelerator.accumulate(model):
@@ -826,12 +739,17 @@ def main(args: Args) -> Dict[str, float]:
         tokenizer.save_pretrained(args.output_dir)
         write_metrics()
 
-    # ---------------- gold judge (embedded task only)
+    # ---------------- gold judge (embedded task only; lazy, so reward.py runs without the embedded modules)
     if args.gold_task_dir is not None and accelerator.is_main_process:
+        try:
+            from embedded_diagnostics import reward_model_gold_metrics
+        except ImportError as e:
+            raise ImportError(f"--gold_task_dir needs embedded_diagnostics.py and embedded_task.py beside reward.py "
+                              f"({e})") from e
         with progress:
-            metrics.update(gold_metrics(args, unwrapped, tokenizer, val_splits.get("validation"),
-                                        val_scores.get("validation"), sft_ds, meta, pad_id, accelerator, console,
-                                        progress))
+            metrics.update(reward_model_gold_metrics(args, unwrapped, tokenizer, val_splits.get("validation"),
+                                                     val_scores.get("validation"), sft_ds, meta, pad_id, accelerator,
+                                                     progress))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_metrics()
@@ -847,119 +765,6 @@ def main(args: Args) -> Dict[str, float]:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return metrics
-
-
-def near_miss_accuracy(rm: nn.Module, judge, queries: List[str], query_tokens: torch.Tensor, tokenizer, pad_id: int,
-                       batch_size: int, seed: int) -> Dict[str, float]:
-    """Embedded task: for every post and each detail that small policies get wrong (narrator age, duration,
-    feeling), the share of minimal pairs -- a complete summary vs the same words with that detail a plausible
-    near miss (`embedded_task.near_miss_pair`) -- in which the RM scores the right one higher. 0.5 means the RM
-    does not check that detail against the post, so PPO cannot learn to get it right from this RM."""
-    from embedded_task import HARD_DETAILS, near_miss_pair
-
-    if tokenizer.pad_token_id != pad_id:
-        raise ValueError(f"near_miss_accuracy: tokenizer pads with {tokenizer.pad_token_id}, the RM with {pad_id}")
-    rng = random.Random(seed)
-    records = [judge.record(q) for q in queries]
-    out: Dict[str, float] = {}
-    eos = tokenizer.eos_token
-    for detail in HARD_DETAILS:
-        wins = []
-        for i in range(0, len(queries), batch_size):
-            pairs = [near_miss_pair(rec, detail, rng) for rec in records[i:i + batch_size]]
-            texts = [" " + t + eos for pair in pairs for t in pair]  # Detail 4: the summary starts with a space
-            resp = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")["input_ids"]
-            q = query_tokens[i:i + batch_size].repeat_interleave(2, dim=0)
-            ids = torch.cat([q, resp.to(q.device)], 1)  # left-padded query, right-padded summary (Details 11, 15)
-            with torch.no_grad():
-                r = get_reward(rm, trim_padding(ids, pad_id), pad_id).view(-1, 2)
-            wins.append((r[:, 0] > r[:, 1]).float().cpu())
-        out[f"gold_near_miss_accuracy/{detail}"] = float(torch.cat(wins).mean())
-    out["gold_near_miss_accuracy"] = float(np.mean([out[f"gold_near_miss_accuracy/{d}"] for d in HARD_DETAILS]))
-    return out
-
-
-def gold_metrics(args: Args, rm: ScalarModel, tokenizer, val_ds: Optional[Dataset], val_scores, sft_ds, meta: dict,
-                 pad_id: int, accelerator: Accelerator, console: Console, progress: Progress) -> Dict[str, float]:
-    from embedded_task import GoldJudge  # the hidden evaluator of the offline task (lazy import, by design)
-
-    judge = GoldJudge.from_dir(args.gold_task_dir)
-    out: Dict[str, float] = {}
-    device = accelerator.device
-    # agreement with the noiseless judge on the held-out validation pairs (ties excluded)
-    if val_ds is not None:
-        c, r = val_scores
-        gold = np.array([judge.compare(q, a, b) for q, a, b in zip(val_ds["query"], val_ds["chosen"], val_ds["rejected"])])
-        decided = gold != 0.5
-        rm_prefers_chosen = c > r
-        gold_prefers_chosen = gold > 0.5
-        out["gold_agreement"] = float((rm_prefers_chosen == gold_prefers_chosen)[decided].mean()) if decided.any() else float("nan")
-        out["gold_num_pairs"] = int(decided.sum())
-        out["gold_ties"] = int((~decided).sum())
-        # how often the (noisy) labels themselves agree with the noiseless judge: the ceiling of val_accuracy
-        out["label_gold_agreement"] = float(gold_prefers_chosen[decided].mean()) if decided.any() else float("nan")
-    if sft_ds is None or "validation" not in sft_ds:
-        return out
-    sv = sft_ds["validation"]
-    n = min(args.num_gold_samples, len(sv))
-    sv = sv.select(range(n))
-    # correlation of RM scores and gold scores on the validation references
-    ref_rm = []
-    with torch.no_grad():
-        for i in range(0, n, args.per_device_eval_batch_size):
-            ids = torch.tensor(sv[i:i + args.per_device_eval_batch_size]["query_reference_response_token"], device=device)
-            with accelerator.autocast():
-                ref_rm.append(get_reward(rm, trim_padding(ids, pad_id), pad_id).cpu())
-    ref_rm = torch.cat(ref_rm).numpy()
-    ref_gold = np.array([judge.score(q, s) for q, s in zip(sv["query"], sv["reference_response"])])
-    out["gold_corr_reference_pearson"] = pearson(ref_rm, ref_gold)
-    out["gold_corr_reference_spearman"] = spearman(ref_rm, ref_gold)
-    with accelerator.autocast():
-        out["reference_own_post_preferred"] = own_post_preference(
-            rm, torch.tensor(sv["query_token"], device=device), torch.tensor(sv["reference_response_token"], device=device),
-            pad_id, args.per_device_eval_batch_size)
-        out.update(near_miss_accuracy(rm, judge, sv["query"], torch.tensor(sv["query_token"], device=device), tokenizer,
-                                      pad_id, args.per_device_eval_batch_size, args.seed))
-    # correlation on SFT near-greedy samples (Detail 13)
-    policy = AutoModelForCausalLM.from_pretrained(args.sft_model_path).to(device)
-    maybe_resize(policy, tokenizer)
-    disable_dropout(policy)  # Detail 7
-    policy.eval()
-    torch.manual_seed(args.seed + accelerator.process_index * 100003)  # Detail 10: sampling seed per process
-    resp_len = int(meta.get("sft_response_length", 53))
-    eos_id = tokenizer.eos_token_id
-    sample_rm, sample_gold, lengths, sample_queries, sample_responses = [], [], [], [], []
-    task = progress.add_task("gold: SFT samples", total=n)
-    for i in range(0, n, args.gen_batch_size):
-        rows = sv[i:i + args.gen_batch_size]
-        queries = torch.tensor(rows["query_token"], device=device)
-        with torch.no_grad(), accelerator.autocast():
-            responses = generate_greedy(policy, queries, pad_id, resp_len, args.gen_temperature)
-        responses = truncate_after_eos(responses, eos_id, pad_id)  # Detail 21
-        sample_queries.append(queries), sample_responses.append(responses)
-        with torch.no_grad(), accelerator.autocast():
-            # left-padded query + right-padded response: Details 11 and 15 make the padding harmless
-            sample_rm.append(get_reward(rm, torch.cat([queries, responses], 1), pad_id).cpu())
-        for q, resp in zip(rows["query"], responses.tolist()):
-            tokens = [t for t in resp if t != pad_id]
-            lengths.append(len(tokens))
-            sample_gold.append(judge.score(q, tokenizer.decode(tokens, skip_special_tokens=False)))
-        progress.advance(task, len(rows["query"]))
-    progress.remove_task(task)
-    sample_rm = torch.cat(sample_rm).numpy()
-    sample_gold = np.array(sample_gold)
-    out["gold_corr_sft_pearson"] = pearson(sample_rm, sample_gold)
-    out["gold_corr_sft_spearman"] = spearman(sample_rm, sample_gold)
-    with accelerator.autocast():  # the samples' own rewards are sample_rm: only the swapped pairs are scored
-        out["sft_sample_own_post_preferred"] = own_post_preference(
-            rm, torch.cat(sample_queries), torch.cat(sample_responses), pad_id, args.per_device_eval_batch_size,
-            own=torch.from_numpy(sample_rm))
-    out["gold_num_sft_samples"] = int(n)
-    out["sft_sample_mean_reward"] = float(sample_rm.mean())
-    out["sft_sample_mean_token_len"] = float(np.mean(lengths))
-    out["reference_mean_reward_val"] = float(ref_rm.mean())
-    del policy
-    return out
 
 
 def exit_without_finalization():

@@ -350,8 +350,7 @@ def stage_commands(work: str) -> dict:
                            "--eval_batch_size", "8", "--save_every", "0", "--no-eval-base"]),
         "rm": ("reward.py", [*common, "--sft_model_path", sft, "--output_dir", rm, "--total_batch_size", "8",
                              "--per_device_train_batch_size", "8", "--num_train_pairs", "32", "--num_val_pairs", "16",
-                             "--norm_num_samples", "16", "--norm_recompute_samples", "8", "--num_gold_samples", "8",
-                             "--gen_batch_size", "8"]),
+                             "--norm_num_samples", "16", "--norm_recompute_samples", "8", "--num_gold_samples", "8"]),
         # two updates with a checkpoint after the first: the ZeRO-2 save_state path too
         "ppo": ("ppo.py", [*common, "--sft_model_path", sft, "--reward_model_path", rm,
                            "--output_dir", os.path.join(work, "ppo"), "--total_episodes", "32", "--total_batch_size", "16",

@@ -161,7 +161,7 @@ def _args(fake_run, out, **kw):
     return reward.Args(**{**vars(reward.PRESETS["embedded"]), "sft_model_path": fake_run.sft,
                           "dataset_path": fake_run.data, "output_dir": str(out), "total_batch_size": 16,
                           "per_device_train_batch_size": 8, "per_device_eval_batch_size": 16,
-                          "num_gold_samples": 8, "gen_batch_size": 8, "norm_num_samples": None, **kw})
+                          "num_gold_samples": 8, "norm_num_samples": None, **kw})
 
 
 # ------------------------------------------------------------------------------------------------ Detail 15 / 11
@@ -344,20 +344,6 @@ def test_detail18_validation_breakdown():
     assert m["val_loss"] == pytest.approx(np.mean(np.log1p(np.exp(-(c - r)))))
 
 
-def test_spearman_and_pearson():
-    x = np.array([1.0, 2.0, 3.0, 4.0])
-    assert reward.pearson(x, 2 * x + 1) == pytest.approx(1.0)
-    assert reward.spearman(x, x ** 3) == pytest.approx(1.0)
-    assert reward.spearman(x, -x) == pytest.approx(-1.0)
-    assert list(reward.rankdata([3.0, 1.0, 3.0])) == [1.5, 0.0, 1.5]
-
-
-def test_detail21_truncate_after_first_eos():
-    """Detail 21 (used for the SFT samples of the gold correlation): tokens after the first EOS become pad."""
-    r = torch.tensor([[5, 0, 6, 0], [5, 6, 7, 8]])
-    assert reward.truncate_after_eos(r, 0, 99).tolist() == [[5, 0, 99, 99], [5, 6, 7, 8]]
-
-
 # ------------------------------------------------------------------------------------------------ bad input
 def test_bad_input_reported_clearly(fake_run, tmp_path):
     """Identical pairs (skip+warn or error), too-long responses and empty splits raise/warn naming split and field."""
@@ -400,9 +386,12 @@ def test_end_to_end_in_process_with_fake_gold_judge(fake_run, tmp_path, monkeypa
         def record(self, query):
             return {}
 
+    import embedded_diagnostics
+
     # the near-miss pairs of the stand-in task: the judge's "right" summary has more a's
-    monkeypatch.setitem(sys.modules, "embedded_task", types.SimpleNamespace(
-        GoldJudge=FakeJudge, HARD_DETAILS=("x",), near_miss_pair=lambda rec, detail, rng: ("a a a", "b")))
+    monkeypatch.setattr(embedded_diagnostics, "GoldJudge", FakeJudge)
+    monkeypatch.setattr(embedded_diagnostics, "HARD_DETAILS", ("x",))
+    monkeypatch.setattr(embedded_diagnostics, "near_miss_pair", lambda rec, detail, rng: ("a a a", "b"))
     out = tmp_path / "rm"
     metrics = reward.main(_args(fake_run, out, gold_task_dir=str(tmp_path), lr=1e-3))
     on_disk = json.load(open(out / "metrics.json"))
@@ -440,6 +429,40 @@ def test_end_to_end_subprocess_embedded_preset(fake_run, tmp_path):
     assert (out / "args.json").exists() and (out / "config.json").exists()
 
 
+def test_reward_py_copied_alone_runs_without_the_embedded_modules(fake_run, tmp_path):
+    """reward.py copied alone into another folder imports, prints --help and trains; only --gold_task_dir needs
+    embedded_diagnostics.py / embedded_task.py, and without them it says so after the model and metrics are saved."""
+    import shutil
+
+    alone = tmp_path / "project"
+    alone.mkdir()
+    shutil.copy(os.path.join(ROOT, "reward.py"), alone / "reward.py")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+
+    # one interpreter (imports dominate the cost): the embedded modules are unreachable, --help works, then a tiny run
+    script = ("import contextlib, io, sys, importlib.util as u\n"
+              "assert u.find_spec('embedded_task') is None and u.find_spec('embedded_diagnostics') is None\n"
+              "import reward\n"
+              "buf = io.StringIO()\n"
+              "with contextlib.redirect_stdout(buf):\n"
+              "    try:\n"
+              "        reward.parse_args(['--help'])\n"
+              "    except SystemExit as e:\n"
+              "        assert e.code == 0, e.code\n"
+              "assert '--gold-task-dir' in buf.getvalue(), buf.getvalue()\n"
+              "reward.main(reward.parse_args(sys.argv[1:]))\n")
+    out = alone / "rm"
+    res = subprocess.run([sys.executable, "-c", script, "--preset", "embedded", "--sft_model_path", fake_run.sft,
+                          "--dataset_path", fake_run.data, "--output_dir", str(out), "--total_batch_size", "8",
+                          "--per_device_train_batch_size", "8", "--num_train_pairs", "16", "--num_val_pairs", "8",
+                          "--norm_num_samples", "8", "--gold_task_dir", str(tmp_path / "task")],
+                         capture_output=True, text=True, env=env, timeout=300, cwd=alone)
+    assert "--gold_task_dir needs embedded_diagnostics.py" in res.stderr, res.stdout[-2000:] + res.stderr[-2000:]
+    assert json.load(open(out / "metrics.json"))["num_updates"] == 2  # trained and saved before the gold metrics
+    assert (out / "config.json").exists()
+
+
 def test_detail16_detail10_accelerate_two_processes_see_every_pair_once(fake_run, tmp_path):
     """Detail 16: with `accelerate launch --num_processes 2` (CPU, gloo) every training pair is seen exactly once
     across the ranks, and the run completes; Detail 10: the model initialisation is identical on both ranks."""
@@ -466,72 +489,6 @@ def test_detail16_detail10_accelerate_two_processes_see_every_pair_once(fake_run
     assert len(allseen) == len(set(allseen)) == 96  # 96 pairs = 3 updates of 32: every pair exactly once
     metrics = json.load(open(out / "metrics.json"))
     assert metrics["world_size"] == 2 and metrics["gradient_accumulation_steps"] == 2 and metrics["num_updates"] == 3
-
-
-def test_own_post_preference_separates_readers_from_ignorers():
-    """own_post_preference: 1.0 for a model that checks the summary against the post, 0.5 for one that ignores it."""
-    pad = 99
-
-    class Stub(torch.nn.Module):
-        def __init__(self, reads_post):
-            super().__init__()
-            self.reads_post = reads_post
-
-        def forward(self, input_ids, attention_mask, position_ids):
-            first = input_ids.gather(1, attention_mask.argmax(1, keepdim=True))  # first real token = the post's
-            last = input_ids.gather(1, (attention_mask.cumsum(1).argmax(1, keepdim=True)))  # last real token
-            value = (first == last).float() if self.reads_post else last.float()
-            return value.expand(-1, input_ids.shape[1])
-
-    # post i starts with token 10 + i; its summary ends with the same token (right-padded to one width)
-    queries = torch.tensor([[pad] * (i % 2) + [10 + i, 5, 6] + [5] * (1 - i % 2) for i in range(6)])
-    responses = torch.tensor([[7, 10 + i] + [pad] * (i % 2) if i % 2 else [7, 8, 10 + i] for i in range(6)])
-    assert reward.own_post_preference(Stub(True), queries, responses, pad, batch_size=4) == 1.0
-    assert reward.own_post_preference(Stub(False), queries, responses, pad, batch_size=4) == 0.5
-    # the caller's own rewards replace the own-post scoring; a wrong `own` changes the answer
-    assert reward.own_post_preference(Stub(True), queries, responses, pad, batch_size=4, own=torch.ones(6)) == 1.0
-    assert reward.own_post_preference(Stub(True), queries, responses, pad, batch_size=4, own=torch.zeros(6)) == 0.5
-
-
-def test_near_miss_accuracy_separates_checkers_from_constant(tmp_path):
-    """gold_near_miss_accuracy: a stand-in RM that rewards summary tokens copied from the post prefers the right
-    narrator age (the wrong one is a number the post does not contain); a constant RM never wins (ties are losses)."""
-    import embedded_task as et
-
-    data = et.generate_data(et.GenConfig(seed=3, n_sft_train=60, n_sft_val=40, n_sft_test=5, n_cmp_train=10,
-                                         n_cmp_val=5, n_pretrain_posts=50))
-    tok_dir = str(tmp_path / "tok")
-    et.train_tokenizer(data["pretrain_texts"] + [r["summary"] for r in data["sft_train"]], 600, tok_dir)
-    tok = reward.load_tokenizer(tok_dir)
-    pad = tok.pad_token_id
-    judge = et.GoldJudge(data["records"])
-    rows = data["sft_validation"]
-    queries = [et.format_query(r["subreddit"], r["title"], r["post"]) for r in rows]
-    ids = [tok(q, add_special_tokens=False)["input_ids"] for q in queries]
-    width = max(map(len, ids))
-    query_tokens = torch.tensor([[pad] * (width - len(x)) + x for x in ids])  # left-padded like the data sets
-
-    marker = tok("\n\nTL;DR:", add_special_tokens=False)["input_ids"]  # the query's last tokens (Detail 1)
-
-    class CopyChecker(torch.nn.Module):
-        def forward(self, input_ids, attention_mask, position_ids):
-            out = torch.zeros(input_ids.shape, dtype=torch.float)
-            for b in range(input_ids.shape[0]):
-                real = input_ids[b][attention_mask[b].bool()].tolist()
-                n_query = max(i + len(marker) for i in range(len(real)) if real[i:i + len(marker)] == marker)
-                post, summary = set(real[:n_query]), real[n_query:]
-                out[b] = sum(t in post for t in summary) / max(1, len(summary))
-            return out
-
-    class Constant(torch.nn.Module):
-        def forward(self, input_ids, attention_mask, position_ids):
-            return torch.zeros(input_ids.shape)
-
-    checker = reward.near_miss_accuracy(CopyChecker(), judge, queries, query_tokens, tok, pad, batch_size=16, seed=0)
-    assert checker["gold_near_miss_accuracy/narrator_age"] > 0.7
-    constant = reward.near_miss_accuracy(Constant(), judge, queries, query_tokens, tok, pad, batch_size=16, seed=0)
-    assert constant == {"gold_near_miss_accuracy/narrator_age": 0.0, "gold_near_miss_accuracy/duration": 0.0,
-                        "gold_near_miss_accuracy/feeling": 0.0, "gold_near_miss_accuracy": 0.0}
 
 
 # ------------------------------------------------------------------------------------------------ Pythia's tokenizer
