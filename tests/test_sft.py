@@ -105,8 +105,10 @@ def test_detail12_loss_is_mean_of_per_sequence_means_at_any_micro_batch(tok):
 
 def test_detail21_truncate_after_first_eos():
     eos, pad = 0, 99
-    r = torch.tensor([[3, 0, 4, 0, 5], [3, 4, 5, 6, 7], [0, 1, 2, 3, 4]])
-    assert sft.truncate_after_eos(r, eos, pad).tolist() == [[3, 0, 99, 99, 99], [3, 4, 5, 6, 7], [0, 99, 99, 99, 99]]
+    r = torch.tensor([[3, 0, 4, 0, 5], [3, 4, 5, 6, 7], [0, 1, 2, 3, 4], [3, 99, 4, 0, 5]])
+    # a sampled [PAD] ends the response too (as in PPO's truncate_response): no tokens after it are kept
+    assert sft.truncate_response(r, eos, pad).tolist() == [[3, 0, 99, 99, 99], [3, 4, 5, 6, 7], [0, 99, 99, 99, 99],
+                                                            [3, 99, 99, 99, 99]]
 
 
 def test_detail13_generation_exact_length_eos_does_not_stop(tok):
@@ -130,7 +132,7 @@ def test_detail13_generation_exact_length_eos_does_not_stop(tok):
     seq = torch.tensor([[5, 6, 7]])
     for _ in range(7):
         seq = torch.cat([seq, sft.forward(model, seq, tok.pad_token_id).logits[:, -1:].argmax(-1)], 1)
-    assert out[0].tolist() == sft.truncate_after_eos(seq[:, 3:], tok.eos_token_id, tok.pad_token_id)[0].tolist()
+    assert out[0].tolist() == sft.truncate_response(seq[:, 3:], tok.eos_token_id, tok.pad_token_id)[0].tolist()
 
 
 def test_detail8_detail9_optimizer_and_cosine_schedule(tok):
