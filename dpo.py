@@ -130,17 +130,23 @@ PRESETS = {
 }
 
 
-def parse_args(argv=None) -> Args:
-    argv = sys.argv[1:] if argv is None else argv
-    name = "paper"
+def parse_args(argv: Optional[list] = None) -> Args:
+    """Peek --preset (or, without it, the preset of --base_model's size), then let tyro parse the rest with that
+    preset as the defaults; the folders left unset are derived from the base model."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    name = None
     for i, a in enumerate(argv):
         if a == "--preset" and i + 1 < len(argv):
             name = argv[i + 1]
         elif a.startswith("--preset="):
             name = a.split("=", 1)[1]
+        elif name is None and (a == "--base_model" and i + 1 < len(argv) or a.startswith("--base_model=")):
+            model = argv[i + 1] if a == "--base_model" else a.split("=", 1)[1]
+            name = next((k for k, p in PRESETS.items() if k.startswith("paper") and p.base_model == model), None)
+    name = name or "paper"
     if name not in PRESETS:
-        raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {name!r}")
-    return default_paths(tyro.cli(Args, default=PRESETS[name], args=argv))
+        raise ValueError(f"--preset {name!r} unknown; choose one of {sorted(PRESETS)}")
+    return default_paths(tyro.cli(Args, default=replace(PRESETS[name], preset=name), args=argv))
 
 
 def model_name(base_model: str) -> str:

@@ -241,3 +241,45 @@ def test_bf16_on_cpu_run_and_test_split(tiny_run_inputs, tmp_path):
     assert len(samples) == 8 and all(s["id"].startswith("test") for s in samples)
     model = sft.load_policy(str(out), sft.load_tokenizer(str(out)))
     assert model.get_input_embeddings().weight.dtype == torch.float32
+
+
+def test_main_in_process_returns_metrics_and_gold_seam(tiny_run_inputs, tmp_path, monkeypatch):
+    """sft.main(args) runs in-process and returns the metrics it writes. With --gold_task_dir the only contact with
+    the embedded task is GoldJudge.from_dir and one judge.sample_metrics call per evaluation: its metrics come back
+    prefixed (base_, sft_, and gold_win_rate) and its per-row scores land in eval_samples.jsonl."""
+    import types
+
+    from accelerate.state import AcceleratorState
+
+    calls = []
+
+    class StandInJudge:
+        @classmethod
+        def from_dir(cls, task_dir):
+            calls.append(("from_dir", task_dir))
+            return cls()
+
+        def sample_metrics(self, queries, responses, references):
+            calls.append(("sample_metrics", len(queries)))
+            rows = [{"gold_score": float(len(r)), "gold_reference_score": -1.0} for r in responses]
+            return {"gold_win_rate": 0.25, "gold_score": sum(r["gold_score"] for r in rows) / len(rows)}, rows
+
+    monkeypatch.setitem(sys.modules, "embedded_task", types.SimpleNamespace(GoldJudge=StandInJudge))
+    data, model_dir = tiny_run_inputs
+    out = tmp_path / "inproc"
+    args = sft.parse_args(["--preset", "embedded", "--base_model", str(model_dir), "--dataset_path", str(data),
+                           "--output_dir", str(out), "--gold_task_dir", "some/task", "--total_batch_size", "8",
+                           "--per_device_train_batch_size", "4", "--num_eval_samples", "4", "--eval_batch_size", "4",
+                           "--response_length", "4", "--eval_every", "0", "--save_every", "0", "--num_train_epochs", "1"])
+    AcceleratorState._reset_state(True)
+    try:
+        metrics = sft.main(args)
+    finally:
+        AcceleratorState._reset_state(True)
+    assert metrics == {**json.load(open(out / "metrics.json")), "wall_seconds": metrics["wall_seconds"]}
+    assert calls == [("from_dir", "some/task"), ("sample_metrics", 4), ("sample_metrics", 4)]
+    assert metrics["base_gold_win_rate"] == metrics["sft_gold_win_rate"] == metrics["gold_win_rate"] == 0.25
+    samples = [json.loads(line) for line in open(out / "eval_samples.jsonl")]
+    assert [s["gold_score"] for s in samples] == [float(len(s["response"])) for s in samples]
+    assert all(s["gold_reference_score"] == -1.0 for s in samples)
+    assert metrics["sft_gold_score"] == pytest.approx(sum(s["gold_score"] for s in samples) / 4)
