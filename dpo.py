@@ -130,17 +130,23 @@ PRESETS = {
 }
 
 
-def parse_args(argv=None) -> Args:
-    argv = sys.argv[1:] if argv is None else argv
-    name = "paper"
+def parse_args(argv: Optional[list] = None) -> Args:
+    """Peek --preset (or, without it, the preset of --base_model's size), then let tyro parse the rest with that
+    preset as the defaults; the folders left unset are derived from the base model."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    name = None
     for i, a in enumerate(argv):
         if a == "--preset" and i + 1 < len(argv):
             name = argv[i + 1]
         elif a.startswith("--preset="):
             name = a.split("=", 1)[1]
+        elif name is None and (a == "--base_model" and i + 1 < len(argv) or a.startswith("--base_model=")):
+            model = argv[i + 1] if a == "--base_model" else a.split("=", 1)[1]
+            name = next((k for k, p in PRESETS.items() if k.startswith("paper") and p.base_model == model), None)
+    name = name or "paper"
     if name not in PRESETS:
-        raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {name!r}")
-    return default_paths(tyro.cli(Args, default=PRESETS[name], args=argv))
+        raise ValueError(f"--preset {name!r} unknown; choose one of {sorted(PRESETS)}")
+    return default_paths(tyro.cli(Args, default=replace(PRESETS[name], preset=name), args=argv))
 
 
 def model_name(base_model: str) -> str:
@@ -158,17 +164,27 @@ def default_paths(args: Args) -> Args:
 # ----------------------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------------------
-def disable_dropout(model: nn.Module):
-    # Detail 7: every dropout probability is 0 (config fields and the modules themselves).
-    for key, value in vars(model.config).items():
-        if (key.endswith("dropout") or key.endswith("pdrop")) and isinstance(value, float):
-            setattr(model.config, key, 0.0)
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Detail 7: every dropout probability 0: nn.Dropout modules, the float attributes modules copy from their
+    config at init (GPT-NeoX attention applies `self.attention_dropout` functionally in train mode), and the config
+    fields, also those of a trunk config kept as a dict (the reward model's), so a saved model reloads without it."""
+
+    def is_dropout(key, value) -> bool:
+        return isinstance(key, str) and key.endswith(("dropout", "pdrop")) and isinstance(value, float)
+
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
-        for key, value in vars(module).items():  # e.g. attention modules keep `attention_dropout` as a float
-            if key.endswith("dropout") and isinstance(value, float):
+        for key, value in list(vars(module).items()):
+            if is_dropout(key, value):
                 setattr(module, key, 0.0)
+        config = getattr(module, "config", None)
+        for key, value in list(vars(config).items()) if hasattr(config, "to_dict") else []:
+            if is_dropout(key, value):
+                setattr(config, key, 0.0)
+            elif isinstance(value, dict):
+                value.update({k: 0.0 for k, v in value.items() if is_dropout(k, v)})
+    return model
 
 
 def load_tokenizer(path: str):
@@ -178,16 +194,23 @@ def load_tokenizer(path: str):
     # Detail 3: a dedicated [PAD], never EOS, added whatever pad the tokenizer reports (Pythia's: <|padding|>),
     # as released; Pythia's [PAD] is id 50277. Idempotent on a tokenizer saved with [PAD] by an earlier stage.
     tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+    if tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise ValueError(f"{path}: the pad token equals EOS ({tokenizer.eos_token_id}); Detail 3 forbids this")
     return tokenizer
+
+
+def maybe_resize(model_trunk: nn.Module, tokenizer) -> None:
+    # Detail 3: resize only when the tokenizer has more tokens than the embedding has rows (not for Pythia)
+    rows = model_trunk.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        model_trunk.resize_token_embeddings(len(tokenizer))
 
 
 def load_policy(path: str, tokenizer, dtype=torch.float32):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    # Detail 3: Pythia's embedding already has spare rows for [PAD]; a smaller one is resized.
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer))
+    maybe_resize(model, tokenizer)
     disable_dropout(model)  # Detail 7 (Detail 32: dropout off for the policy and the reference)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
@@ -201,11 +224,11 @@ def load_reference(path: str, tokenizer, dtype=torch.float32):
     return ref
 
 
-def forward(model, ids: torch.Tensor, pad_id: int, **kwargs):
-    # Detail 3: attention mask from the pad id, pads replaced by a valid id before the embedding.
-    mask = ids != pad_id
-    # Detail 11: positions count real tokens only, so left padding does not shift them.
-    position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+def forward(model: nn.Module, ids: torch.Tensor, pad_id: int, **kwargs):
+    """Detail 3 and 11: attention mask from the pad id, pads replaced by a valid id (0) before the embedding, and
+    positions that count real tokens only (cumsum - 1), so a left-padded sequence gets the positions it has alone."""
+    mask = ids != pad_id  # Detail 3: attention mask from the pad id
+    position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)  # Detail 11: positions from the mask
     return model(input_ids=ids.masked_fill(~mask, 0), attention_mask=mask.long(), position_ids=position_ids, **kwargs)
 
 
@@ -234,7 +257,7 @@ def sequence_logprobs(logits: torch.Tensor, ids: torch.Tensor, query_lens: torch
 
 
 def trim_right(ids: torch.Tensor, pad_id: int) -> torch.Tensor:
-    """Drops the all-pad columns on the right (right-padded batch): same log-probabilities, less compute."""
+    """Drops the all-pad columns on the right (right-padded batch): the same outputs for less compute."""
     real = (ids != pad_id).any(0).nonzero()
     return ids[:, : int(real.max()) + 1] if len(real) else ids
 
@@ -322,6 +345,16 @@ def pairs_logprobs(model, ds, pad_id: int, batch_size: int, accelerator) -> Dict
     return {"c": np.array([o[1] for o in out]), "r": np.array([o[2] for o in out])}
 
 
+def validate(policy, val_splits, ref_val, pad_id: int, args: Args, accelerator) -> Dict[str, float]:
+    """Detail 32: DPO loss and implicit-reward metrics of `policy` on each validation split (`ref_val`: the frozen
+    reference's log-probabilities of the same pairs, computed once)."""
+    out = {}
+    for key, ds in val_splits.items():
+        lp = pairs_logprobs(policy, ds, pad_id, args.per_device_eval_batch_size, accelerator)
+        out.update(validation_metrics(key, {"pi_c": lp["c"], "pi_r": lp["r"], "ref_c": ref_val[key]["c"], "ref_r": ref_val[key]["r"]}, ds, args.beta))
+    return out
+
+
 def check_preference_split(ds, name: str):
     missing = [c for c in PAIR_COLUMNS if c not in ds.column_names]
     if missing:
@@ -333,16 +366,29 @@ def check_preference_split(ds, name: str):
 # ----------------------------------------------------------------------------------------------------
 # Sampling and judging (Detail 13)
 # ----------------------------------------------------------------------------------------------------
-def trim_left(ids: torch.Tensor, pad_id: int) -> torch.Tensor:
-    """Drops the all-pad columns on the left (left-padded queries); positions come from the mask (Detail 11)."""
-    real = (ids != pad_id).any(0).nonzero()
-    return ids[:, int(real.min()) :] if len(real) else ids
+def first_true_indices(bools: torch.Tensor) -> torch.Tensor:
+    """Index of the first True of each row, or the row length where there is none."""
+    row_len = bools.size(-1)
+    idx = torch.arange(row_len, device=bools.device)
+    return torch.where(bools, idx, row_len).min(-1).values
 
 
-def truncate_after_eos(responses: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tensor:
-    # Detail 21 (used by Detail 13): every token after the first EOS becomes [PAD].
-    after = (responses == eos_id).long().cumsum(1) - (responses == eos_id).long() > 0
-    return responses.masked_fill(after, pad_id)
+def truncate_response(responses: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tensor:
+    """Detail 21: every token after the first EOS becomes [PAD] (the EOS itself is kept).
+    A [PAD] sampled by the policy (the token exists in the vocabulary) also ends the response there, without
+    EOS, so that masks, reward and the missing-EOS penalty all see the same response."""
+    idx = torch.arange(responses.size(1), device=responses.device)
+    eos_at = first_true_indices(responses == eos_id).unsqueeze(1)
+    pad_at = first_true_indices(responses == pad_id).unsqueeze(1)
+    keep = (idx <= eos_at) & (idx < pad_at)
+    return torch.where(keep, responses, pad_id)
+
+
+def trim_left_padding(queries: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Drop the leading columns that are [PAD] in every row: a pure speed-up (positions come from the mask,
+    Detail 11, so every logit stays the same), large when queries are much shorter than query_length."""
+    first = int((queries != pad_id).any(0).long().argmax())  # one host sync per batch
+    return queries[:, first:]
 
 
 @torch.no_grad()
@@ -355,7 +401,7 @@ def generate(model, queries: torch.Tensor, tokenizer, response_length: int, temp
         max_new_tokens=response_length, temperature=temperature, top_k=0, top_p=1.0, do_sample=True,
         eos_token_id=None, pad_token_id=tokenizer.pad_token_id,
     )
-    queries = trim_left(queries, tokenizer.pad_token_id)
+    queries = trim_left_padding(queries, tokenizer.pad_token_id)
     mask = queries != tokenizer.pad_token_id
     # `generate` fills unset (None) fields from the model's own generation config, so its EOS is lifted too.
     saved_eos, model.generation_config.eos_token_id = model.generation_config.eos_token_id, None
@@ -363,7 +409,7 @@ def generate(model, queries: torch.Tensor, tokenizer, response_length: int, temp
         out = model.generate(input_ids=queries.masked_fill(~mask, 0), attention_mask=mask.long(), generation_config=config)
     finally:
         model.generation_config.eos_token_id = saved_eos
-    return truncate_after_eos(out[:, queries.shape[1] :], tokenizer.eos_token_id, tokenizer.pad_token_id)
+    return truncate_response(out[:, queries.shape[1] :], tokenizer.eos_token_id, tokenizer.pad_token_id)  # Detail 21
 
 
 def decode_responses(tokenizer, responses: torch.Tensor):
@@ -371,8 +417,9 @@ def decode_responses(tokenizer, responses: torch.Tensor):
     return [t.strip() for t in texts]
 
 
-def sample_and_judge(model, dataset, tokenizer, args: Args, accelerator, judge=None, tag: str = "dpo"):
-    """Detail 13 samples on the queries of `dataset` (--split), ROUGE-L against the references, the gold win rate."""
+def sample_and_judge(model, dataset, tokenizer, args: Args, accelerator, judge, tag: str):
+    """Detail 13 samples on the queries of `dataset` (--split), their ROUGE-L against the references and, with the
+    embedded task's gold judge (`judge`, None otherwise), its metrics: `{tag}_rougeL`, `{tag}_gold_win_rate`, ..."""
     from rouge_score import rouge_scorer
 
     unwrapped = accelerator.unwrap_model(model)
@@ -401,11 +448,10 @@ def sample_and_judge(model, dataset, tokenizer, args: Args, accelerator, judge=N
         f"{tag}_mean_response_len": float(np.mean([r["response_token_len"] for r in rows])),
     }
     if judge is not None:
-        metrics[f"{tag}_gold_win_rate"] = judge.win_rate([r["query"] for r in rows], [r["response"] for r in rows], [r["reference"] for r in rows])
-        for r in rows:
-            r["gold_score"] = judge.score(r["query"], r["response"])
-            r["gold_reference_score"] = judge.score(r["query"], r["reference"])
-        metrics[f"{tag}_gold_score"] = float(np.mean([r["gold_score"] for r in rows]))
+        gold, per_row = judge.sample_metrics([r["query"] for r in rows], [r["response"] for r in rows], [r["reference"] for r in rows])
+        metrics.update({f"{tag}_{k}": v for k, v in gold.items()})
+        for r, scores in zip(rows, per_row):
+            r.update(scores)
     return metrics, rows
 
 
@@ -419,6 +465,9 @@ def print_samples(rows, title: str, k: int = 4):
     console.print(table)
 
 
+# ----------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------
 def make_optimizer(model, args: Args, num_updates: int):
     from transformers import get_cosine_schedule_with_warmup
 
@@ -492,6 +541,25 @@ def check_batch_arithmetic(args: Args, world_size: int) -> int:
     return args.total_batch_size // per_step
 
 
+def check_meta(dataset_path: str, tokenizer, model_path: str):
+    """The data set must be tokenized with the model's tokenizer: same [PAD] and EOS ids as its meta.json."""
+    meta_path = os.path.join(dataset_path, "meta.json")
+    if os.path.exists(meta_path):
+        meta = json.load(open(meta_path))
+        if meta["pad_token_id"] != tokenizer.pad_token_id or meta["eos_token_id"] != tokenizer.eos_token_id:
+            raise ValueError(f"{meta_path}: pad/eos ids {meta['pad_token_id']}/{meta['eos_token_id']} differ from the tokenizer of {model_path}")
+
+
+def load_gold_judge(args: Args):
+    """The embedded task's hidden judge with --gold_task_dir, else None. Imported here only, so that the stage
+    runs without embedded_task.py."""
+    if not args.gold_task_dir:
+        return None
+    from embedded_task import GoldJudge
+
+    return GoldJudge.from_dir(args.gold_task_dir)
+
+
 def exit_without_finalization():
     """End a multi-process rank once every output is written. After a DDP wrapper was built, torch keeps the gloo
     process group and its worker threads alive past destroy_process_group; a worker still busy when the interpreter
@@ -501,10 +569,9 @@ def exit_without_finalization():
     os._exit(0)
 
 
-if __name__ == "__main__":
+def main(args: Args) -> dict:
     import datasets
 
-    args = parse_args()
     use_bf16 = args.bf16 and (torch.cuda.is_available() or args.bf16_on_cpu)
     accelerator = make_accelerator(mixed_precision="bf16" if use_bf16 else "no")
     grad_accum = check_batch_arithmetic(args, accelerator.num_processes)
@@ -530,17 +597,9 @@ if __name__ == "__main__":
         raise ValueError(f"{sft_path}: split {args.split!r} (--split) is missing or empty")
     sft_val = sft_data[args.split]  # the evaluation queries (Detail 13)
     tokenizer = load_tokenizer(args.sft_model_path)
-    meta_path = os.path.join(args.dataset_path, "meta.json")
-    if os.path.exists(meta_path):
-        meta = json.load(open(meta_path))
-        if meta["pad_token_id"] != tokenizer.pad_token_id or meta["eos_token_id"] != tokenizer.eos_token_id:
-            raise ValueError(f"{meta_path}: pad/eos ids {meta['pad_token_id']}/{meta['eos_token_id']} differ from the tokenizer of {args.sft_model_path}")
+    check_meta(args.dataset_path, tokenizer, args.sft_model_path)
     pad_id = tokenizer.pad_token_id
-    judge = None
-    if args.gold_task_dir:
-        from embedded_task import GoldJudge  # the hidden evaluator of the embedded task only
-
-        judge = GoldJudge.from_dir(args.gold_task_dir)
+    judge = load_gold_judge(args)
 
     train = pref["train"]
     if args.num_train_pairs is not None:
@@ -560,13 +619,6 @@ if __name__ == "__main__":
 
     # The reference is frozen: its validation log-probabilities are computed once.
     ref_val = {k: pairs_logprobs(ref_model, ds, pad_id, args.per_device_eval_batch_size, accelerator) for k, ds in val_splits.items()}
-
-    def run_validation(policy) -> Dict[str, float]:
-        out = {}
-        for key, ds in val_splits.items():
-            lp = pairs_logprobs(policy, ds, pad_id, args.per_device_eval_batch_size, accelerator)
-            out.update(validation_metrics(key, {"pi_c": lp["c"], "pi_r": lp["r"], "ref_c": ref_val[key]["c"], "ref_r": ref_val[key]["r"]}, ds, args.beta))
-        return out
 
     if args.eval_reference and judge is not None and not args.resume:
         set_seed(args.seed + accelerator.process_index * 100003)  # Detail 10: sampling differs per process
@@ -646,7 +698,7 @@ if __name__ == "__main__":
                 if update == 1:  # Detail 32: the policy equals the reference on the first update: loss log(2)
                     metrics["initial_train_loss"] = row["train/loss"]
                 if args.eval_every and update % args.eval_every == 0 and update < num_updates:
-                    val = run_validation(model)
+                    val = validate(model, val_splits, ref_val, pad_id, args, accelerator)
                     row.update({f"val/{k[4:]}": v for k, v in val.items() if k.startswith("val_") and "/" not in k})
                 if not math.isfinite(row["train/loss"]):
                     raise RuntimeError(f"non-finite training loss at update {update}; last checkpoint: {ckpt_dir}")
@@ -661,7 +713,7 @@ if __name__ == "__main__":
                     if accelerator.is_main_process:
                         json.dump({"update": update, "metrics": metrics}, open(os.path.join(ckpt_dir, "progress.json"), "w"))
 
-    metrics.update(run_validation(model))
+    metrics.update(validate(model, val_splits, ref_val, pad_id, args, accelerator))
     metrics["train_loss"] = row.get("train/loss", float("nan"))
     metrics["train_reward_accuracy"] = row.get("train/reward_accuracy", float("nan"))
     metrics["updates"] = update
@@ -693,5 +745,10 @@ if __name__ == "__main__":
         log.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()  # destroys the process group of a multi-process run
-    if accelerator.num_processes > 1:
+    return metrics
+
+
+if __name__ == "__main__":
+    main(parse_args())
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         exit_without_finalization()

@@ -859,6 +859,18 @@ class GoldJudge:
             return float("nan")
         return sum(self.prefers(q, c, r) == 0 for q, c, r in zip(queries, candidates, references)) / len(queries)
 
+    def sample_metrics(self, queries: Sequence[str], responses: Sequence[str],
+                       references: Sequence[str]) -> Tuple[Dict[str, float], List[Dict[str, float]]]:
+        """What a stage adds to its evaluation with `--gold_task_dir`: ({"gold_win_rate", "gold_score"} over the
+        samples, one {"gold_score", "gold_reference_score"} per sample for eval_samples.jsonl). The stage prefixes
+        the keys (sft_, dpo_, eval/, ...); its own metrics never depend on this judge."""
+        import numpy as np
+
+        win_rate = float(self.win_rate(queries, responses, references))  # also checks the lengths agree
+        per_row = [{"gold_score": float(self.score(q, r)), "gold_reference_score": float(self.score(q, ref))}
+                   for q, r, ref in zip(queries, responses, references)]
+        return {"gold_win_rate": win_rate, "gold_score": float(np.mean([r["gold_score"] for r in per_row]))}, per_row
+
 
 # =====================================================================================================
 # 5. Data set generation

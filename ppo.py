@@ -32,7 +32,6 @@ from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
-    AutoTokenizer,
     GenerationConfig,
     PretrainedConfig,
     PreTrainedModel,
@@ -298,13 +297,12 @@ def trim_left_padding(queries: torch.Tensor, pad_id: int) -> torch.Tensor:
     return queries[:, first:]
 
 
-def forward(model: nn.Module, query_responses: torch.Tensor, pad_id: int, **kwargs):
-    """Detail 3 and 11: attention mask from the pad id, pads replaced by 0 before the embedding, positions from
-    the mask (cumsum - 1) so a left-padded query gets the positions it has alone."""
-    mask = query_responses != pad_id  # Detail 3: attention mask from the pad id
-    position_ids = (mask.cumsum(1) - 1).clamp(min=0)  # Detail 11: positions from the mask
-    input_ids = query_responses.masked_fill(~mask, 0)  # Detail 3: pads -> a valid id (0) before the embedding
-    return model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, **kwargs)
+def forward(model: nn.Module, ids: torch.Tensor, pad_id: int, **kwargs):
+    """Detail 3 and 11: attention mask from the pad id, pads replaced by a valid id (0) before the embedding, and
+    positions that count real tokens only (cumsum - 1), so a left-padded sequence gets the positions it has alone."""
+    mask = ids != pad_id  # Detail 3: attention mask from the pad id
+    position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)  # Detail 11: positions from the mask
+    return model(input_ids=ids.masked_fill(~mask, 0), attention_mask=mask.long(), position_ids=position_ids, **kwargs)
 
 
 def policy_response_logits(policy: nn.Module, query_responses: torch.Tensor, pad_id: int, context_length: int):
@@ -496,31 +494,31 @@ class PolicyAndValue(nn.Module):
 
 
 def disable_dropout(model: nn.Module) -> nn.Module:
-    """Detail 7: every dropout probability 0: config fields (nested trunk configs too), nn.Dropout modules, and
-    float attributes that modules copied from the config at init (GPT-NeoX attention applies
-    `self.attention_dropout` functionally in train mode)."""
+    """Detail 7: every dropout probability 0: nn.Dropout modules, the float attributes modules copy from their
+    config at init (GPT-NeoX attention applies `self.attention_dropout` functionally in train mode), and the config
+    fields, also those of a trunk config kept as a dict (the reward model's), so a saved model reloads without it."""
 
-    def zero_config(cfg):
-        for key, value in list(cfg.to_dict().items()):
-            if (key.endswith("dropout") or key.endswith("pdrop")) and isinstance(value, float):
-                setattr(cfg, key, 0.0)
+    def is_dropout(key, value) -> bool:
+        return isinstance(key, str) and key.endswith(("dropout", "pdrop")) and isinstance(value, float)
 
     for module in model.modules():
         if isinstance(module, nn.Dropout):
-            module.p = 0.0  # Detail 7: dropout off everywhere
-        for name, value in list(vars(module).items()):
-            if (name.endswith("dropout") or name.endswith("pdrop")) and isinstance(value, float):
-                setattr(module, name, 0.0)
-        if isinstance(getattr(module, "config", None), PretrainedConfig):
-            zero_config(module.config)
-    if isinstance(getattr(model, "config", None), ScalarModelConfig):
-        for key, value in model.config.base_config.items():
-            if (key.endswith("dropout") or key.endswith("pdrop")) and isinstance(value, float):
-                model.config.base_config[key] = 0.0
+            module.p = 0.0
+        for key, value in list(vars(module).items()):
+            if is_dropout(key, value):
+                setattr(module, key, 0.0)
+        config = getattr(module, "config", None)
+        for key, value in list(vars(config).items()) if hasattr(config, "to_dict") else []:
+            if is_dropout(key, value):
+                setattr(config, key, 0.0)
+            elif isinstance(value, dict):
+                value.update({k: 0.0 for k, v in value.items() if is_dropout(k, v)})
     return model
 
 
 def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(path)
     # Detail 3: a dedicated [PAD], never EOS, added whatever pad the tokenizer reports (Pythia's: <|padding|>),
     # as released; Pythia's [PAD] is id 50277. Idempotent on a tokenizer saved with [PAD] by an earlier stage.
@@ -530,10 +528,16 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
+def maybe_resize(model_trunk: nn.Module, tokenizer) -> None:
+    # Detail 3: resize only when the tokenizer has more tokens than the embedding has rows (not for Pythia)
+    rows = model_trunk.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        model_trunk.resize_token_embeddings(len(tokenizer))
+
+
 def load_policy(path: str, tokenizer) -> nn.Module:
     model = AutoModelForCausalLM.from_pretrained(path)
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:  # Detail 3: resize only when too small
-        model.resize_token_embeddings(len(tokenizer))
+    maybe_resize(model, tokenizer)
     model.generation_config.eos_token_id = None  # SPEC: generation never stops at EOS (Detail 20)
     return disable_dropout(model)
 
@@ -592,6 +596,11 @@ def generate(policy: nn.Module, queries: torch.Tensor, pad_id: int, generation_c
     out = policy.generate(input_ids=queries.masked_fill(~mask, 0), attention_mask=mask,
                           generation_config=generation_config, cache_implementation="static")
     return torch.cat([queries, out[:, queries.size(1):]], dim=1)
+
+
+def decode_responses(tokenizer, responses: torch.Tensor):
+    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+    return [t.strip() for t in texts]
 
 
 @torch.no_grad()
@@ -685,18 +694,17 @@ def evaluate(args, accelerator, policy, reward_model, tokenizer, eval_data, judg
     if accelerator.is_main_process:
         lengths = first_true_indices(responses == pad_id)
         contain_eos = (responses == eos_id).any(1)
-        texts = [t.strip() for t in tokenizer.batch_decode(responses, skip_special_tokens=True)]  # no EOS, no pads
+        texts = decode_responses(tokenizer, responses)  # no EOS, no pads
         references = [ref.replace(tokenizer.eos_token, "").strip() for ref in eval_data["reference_response"]]
         metrics = {
             "eval/rm_score": scores.mean().item(),
             "eval/response_length": lengths.float().mean().item(),
             "eval/non_eos_rate": 1.0 - contain_eos.float().mean().item(),
         }
-        gold_scores = None
-        if judge is not None:  # Detail 31: the judge's win rate against the references
-            metrics["eval/gold_win_rate"] = float(judge.win_rate(eval_data["query"], texts, references))
-            gold_scores = [float(judge.score(q, t)) for q, t in zip(eval_data["query"], texts)]
-            metrics["eval/gold_score"] = float(np.mean(gold_scores))
+        gold_rows = None
+        if judge is not None:  # Detail 31: the judge's win rate against the references (the embedded task's)
+            gold, gold_rows = judge.sample_metrics(eval_data["query"], texts, references)
+            metrics.update({f"eval/{k}": v for k, v in gold.items()})
         with open(os.path.join(args.output_dir, "eval_samples.jsonl"), "w") as f:
             for j in range(n):
                 f.write(json.dumps({
@@ -704,7 +712,7 @@ def evaluate(args, accelerator, policy, reward_model, tokenizer, eval_data, judg
                     "reference": references[j], "response_token_len": int(lengths[j]),
                     "reference_token_len": int(eval_data["reference_response_token_len"][j]),
                     "score": scores[j].item(), "update": update,
-                    **({"gold_score": gold_scores[j]} if gold_scores else {})}) + "\n")
+                    **(gold_rows[j] if gold_rows else {})}) + "\n")
         table = Table(title=f"eval samples after update {update}", show_lines=True)
         for col in ("query (end)", "response", "reference", "score"):
             table.add_column(col)
@@ -718,6 +726,22 @@ def evaluate(args, accelerator, policy, reward_model, tokenizer, eval_data, judg
 # ----------------------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------------------
+def set_seed(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_gold_judge(args: Args):
+    """The embedded task's hidden judge with --gold_task_dir, else None. Imported here only, so that the stage
+    runs without embedded_task.py."""
+    if not args.gold_task_dir:
+        return None
+    from embedded_task import GoldJudge
+
+    return GoldJudge.from_dir(args.gold_task_dir)
+
+
 def make_accelerator(**kwargs) -> Accelerator:
     """The Accelerator for `python X.py`, `accelerate launch` (DDP) and `accelerate launch --config_file
     deepspeed_zero2.yaml` (Detail 30), on GPUs or on a CPU-only machine."""
@@ -786,7 +810,7 @@ def main(args: Args):
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     if "pad_token_id" in meta and meta["pad_token_id"] != pad_id:
         raise ValueError(f"{meta_path}: pad_token_id {meta['pad_token_id']} != the SFT tokenizer's {pad_id}")
-    torch.manual_seed(args.seed)  # Detail 10: identical model init on every process (all weights are loaded)
+    set_seed(args.seed)  # Detail 10: identical model init on every process (all weights are loaded)
     policy = load_policy(args.sft_model_path, tokenizer)
     ref_policy = load_policy(args.sft_model_path, tokenizer)
     value_model = load_scalar_model(args.reward_model_path)  # value model starts from the RM (normalised bias)
@@ -803,17 +827,10 @@ def main(args: Args):
     accelerator.register_for_checkpointing(scheduler)
     ref_policy = prepare_inference_model(ref_policy, accelerator, args.offload)
     reward_model = prepare_inference_model(reward_model, accelerator, args.offload)
-    judge = None
-    if args.gold_task_dir and accelerator.is_main_process:
-        from embedded_task import GoldJudge  # the hidden evaluator of the offline task, only when asked for
-
-        judge = GoldJudge.from_dir(args.gold_task_dir)
+    judge = load_gold_judge(args) if accelerator.is_main_process else None  # evaluation judges on rank 0
 
     # Detail 10: sampling differs per process; the global torch generator is the sampling generator
-    local_seed = args.seed + rank * 100003
-    random.seed(local_seed)
-    np.random.seed(local_seed)
-    torch.manual_seed(local_seed)
+    set_seed(args.seed + rank * 100003)
     start_update, metrics_history = 0, []
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
     if args.resume:

@@ -108,17 +108,23 @@ PRESETS = {
 }
 
 
-def parse_args(argv=None) -> Args:
-    argv = sys.argv[1:] if argv is None else argv
-    name = "paper"
+def parse_args(argv: Optional[list] = None) -> Args:
+    """Peek --preset (or, without it, the preset of --base_model's size), then let tyro parse the rest with that
+    preset as the defaults; the folders left unset are derived from the base model."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    name = None
     for i, a in enumerate(argv):
         if a == "--preset" and i + 1 < len(argv):
             name = argv[i + 1]
         elif a.startswith("--preset="):
             name = a.split("=", 1)[1]
+        elif name is None and (a == "--base_model" and i + 1 < len(argv) or a.startswith("--base_model=")):
+            model = argv[i + 1] if a == "--base_model" else a.split("=", 1)[1]
+            name = next((k for k, p in PRESETS.items() if k.startswith("paper") and p.base_model == model), None)
+    name = name or "paper"
     if name not in PRESETS:
-        raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {name!r}")
-    return default_paths(tyro.cli(Args, default=PRESETS[name], args=argv))
+        raise ValueError(f"--preset {name!r} unknown; choose one of {sorted(PRESETS)}")
+    return default_paths(tyro.cli(Args, default=replace(PRESETS[name], preset=name), args=argv))
 
 
 def model_name(base_model: str) -> str:
@@ -134,17 +140,27 @@ def default_paths(args: Args) -> Args:
 # ----------------------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------------------
-def disable_dropout(model: nn.Module):
-    # Detail 7: every dropout probability is 0 (config fields and the modules themselves).
-    for key, value in vars(model.config).items():
-        if (key.endswith("dropout") or key.endswith("pdrop")) and isinstance(value, float):
-            setattr(model.config, key, 0.0)
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Detail 7: every dropout probability 0: nn.Dropout modules, the float attributes modules copy from their
+    config at init (GPT-NeoX attention applies `self.attention_dropout` functionally in train mode), and the config
+    fields, also those of a trunk config kept as a dict (the reward model's), so a saved model reloads without it."""
+
+    def is_dropout(key, value) -> bool:
+        return isinstance(key, str) and key.endswith(("dropout", "pdrop")) and isinstance(value, float)
+
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
-        for key, value in vars(module).items():  # e.g. attention modules keep `attention_dropout` as a float
-            if key.endswith("dropout") and isinstance(value, float):
+        for key, value in list(vars(module).items()):
+            if is_dropout(key, value):
                 setattr(module, key, 0.0)
+        config = getattr(module, "config", None)
+        for key, value in list(vars(config).items()) if hasattr(config, "to_dict") else []:
+            if is_dropout(key, value):
+                setattr(config, key, 0.0)
+            elif isinstance(value, dict):
+                value.update({k: 0.0 for k, v in value.items() if is_dropout(k, v)})
+    return model
 
 
 def load_tokenizer(path: str):
@@ -154,31 +170,38 @@ def load_tokenizer(path: str):
     # Detail 3: a dedicated [PAD], never EOS, added whatever pad the tokenizer reports (Pythia's: <|padding|>),
     # as released; Pythia's [PAD] is id 50277. Idempotent on a tokenizer saved with [PAD] by an earlier stage.
     tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+    if tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise ValueError(f"{path}: the pad token equals EOS ({tokenizer.eos_token_id}); Detail 3 forbids this")
     return tokenizer
+
+
+def maybe_resize(model_trunk: nn.Module, tokenizer) -> None:
+    # Detail 3: resize only when the tokenizer has more tokens than the embedding has rows (not for Pythia)
+    rows = model_trunk.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        model_trunk.resize_token_embeddings(len(tokenizer))
 
 
 def load_policy(path: str, tokenizer, dtype=torch.float32):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    # Detail 3: Pythia's embedding already has spare rows for [PAD]; a smaller one is resized.
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer))
+    maybe_resize(model, tokenizer)
     disable_dropout(model)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
 
 
-def forward(model, ids: torch.Tensor, pad_id: int, **kwargs):
-    # Detail 3: attention mask from the pad id, pads replaced by a valid id before the embedding.
-    mask = ids != pad_id
-    # Detail 11: positions count real tokens only, so left padding does not shift them.
-    position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+def forward(model: nn.Module, ids: torch.Tensor, pad_id: int, **kwargs):
+    """Detail 3 and 11: attention mask from the pad id, pads replaced by a valid id (0) before the embedding, and
+    positions that count real tokens only (cumsum - 1), so a left-padded sequence gets the positions it has alone."""
+    mask = ids != pad_id  # Detail 3: attention mask from the pad id
+    position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)  # Detail 11: positions from the mask
     return model(input_ids=ids.masked_fill(~mask, 0), attention_mask=mask.long(), position_ids=position_ids, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Loss and evaluation
+# Loss and validation
 # ----------------------------------------------------------------------------------------------------
 def sft_labels(ids: torch.Tensor, pad_id: int, query_lens: Optional[torch.Tensor] = None) -> torch.Tensor:
     # Detail 12: next-token cross-entropy; pad positions are ignored (label -100).
@@ -206,47 +229,9 @@ def sft_loss(model, ids: torch.Tensor, pad_id: int, query_lens: Optional[torch.T
 
 
 def trim_right(ids: torch.Tensor, pad_id: int) -> torch.Tensor:
-    """Drops the all-pad columns on the right (right-padded batch): same losses, less compute."""
+    """Drops the all-pad columns on the right (right-padded batch): the same outputs for less compute."""
     real = (ids != pad_id).any(0).nonzero()
     return ids[:, : int(real.max()) + 1] if len(real) else ids
-
-
-def trim_left(ids: torch.Tensor, pad_id: int) -> torch.Tensor:
-    """Drops the all-pad columns on the left (left-padded queries); positions come from the mask (Detail 11)."""
-    real = (ids != pad_id).any(0).nonzero()
-    return ids[:, int(real.min()) :] if len(real) else ids
-
-
-def truncate_after_eos(responses: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tensor:
-    # Detail 21 (used by Detail 13): every token after the first EOS becomes [PAD].
-    after = (responses == eos_id).long().cumsum(1) - (responses == eos_id).long() > 0
-    return responses.masked_fill(after, pad_id)
-
-
-@torch.no_grad()
-def generate(model, queries: torch.Tensor, tokenizer, response_length: int, temperature: float) -> torch.Tensor:
-    from transformers import GenerationConfig
-
-    # Detail 13: temperature 0.01, top_k 0, top_p 1, exactly `response_length` new tokens: eos_token_id=None
-    # so EOS does not stop generation (min_new_tokens would forbid EOS instead).
-    config = GenerationConfig(
-        max_new_tokens=response_length, temperature=temperature, top_k=0, top_p=1.0, do_sample=True,
-        eos_token_id=None, pad_token_id=tokenizer.pad_token_id,
-    )
-    queries = trim_left(queries, tokenizer.pad_token_id)
-    mask = queries != tokenizer.pad_token_id
-    # `generate` fills unset (None) fields from the model's own generation config, so its EOS is lifted too.
-    saved_eos, model.generation_config.eos_token_id = model.generation_config.eos_token_id, None
-    try:
-        out = model.generate(input_ids=queries.masked_fill(~mask, 0), attention_mask=mask.long(), generation_config=config)
-    finally:
-        model.generation_config.eos_token_id = saved_eos
-    return truncate_after_eos(out[:, queries.shape[1] :], tokenizer.eos_token_id, tokenizer.pad_token_id)
-
-
-def decode_responses(tokenizer, responses: torch.Tensor):
-    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-    return [t.strip() for t in texts]
 
 
 @torch.no_grad()
@@ -264,11 +249,67 @@ def validation_loss(model, loader, pad_id: int, accelerator, max_batches: Option
     return (total / count).item()
 
 
-def sample_and_judge(model, dataset, tokenizer, args: Args, accelerator, judge=None, tag: str = "sft"):
-    """Detail 13 samples on the queries of `dataset` (--split), ROUGE-L against the references, the gold win rate."""
+# ----------------------------------------------------------------------------------------------------
+# Sampling and judging (Detail 13)
+# ----------------------------------------------------------------------------------------------------
+def first_true_indices(bools: torch.Tensor) -> torch.Tensor:
+    """Index of the first True of each row, or the row length where there is none."""
+    row_len = bools.size(-1)
+    idx = torch.arange(row_len, device=bools.device)
+    return torch.where(bools, idx, row_len).min(-1).values
+
+
+def truncate_response(responses: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tensor:
+    """Detail 21: every token after the first EOS becomes [PAD] (the EOS itself is kept).
+    A [PAD] sampled by the policy (the token exists in the vocabulary) also ends the response there, without
+    EOS, so that masks, reward and the missing-EOS penalty all see the same response."""
+    idx = torch.arange(responses.size(1), device=responses.device)
+    eos_at = first_true_indices(responses == eos_id).unsqueeze(1)
+    pad_at = first_true_indices(responses == pad_id).unsqueeze(1)
+    keep = (idx <= eos_at) & (idx < pad_at)
+    return torch.where(keep, responses, pad_id)
+
+
+def trim_left_padding(queries: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Drop the leading columns that are [PAD] in every row: a pure speed-up (positions come from the mask,
+    Detail 11, so every logit stays the same), large when queries are much shorter than query_length."""
+    first = int((queries != pad_id).any(0).long().argmax())  # one host sync per batch
+    return queries[:, first:]
+
+
+@torch.no_grad()
+def generate(model, queries: torch.Tensor, tokenizer, response_length: int, temperature: float) -> torch.Tensor:
+    from transformers import GenerationConfig
+
+    # Detail 13: temperature 0.01, top_k 0, top_p 1, exactly `response_length` new tokens: eos_token_id=None
+    # so EOS does not stop generation (min_new_tokens would forbid EOS instead).
+    config = GenerationConfig(
+        max_new_tokens=response_length, temperature=temperature, top_k=0, top_p=1.0, do_sample=True,
+        eos_token_id=None, pad_token_id=tokenizer.pad_token_id,
+    )
+    queries = trim_left_padding(queries, tokenizer.pad_token_id)
+    mask = queries != tokenizer.pad_token_id
+    # `generate` fills unset (None) fields from the model's own generation config, so its EOS is lifted too.
+    saved_eos, model.generation_config.eos_token_id = model.generation_config.eos_token_id, None
+    try:
+        out = model.generate(input_ids=queries.masked_fill(~mask, 0), attention_mask=mask.long(), generation_config=config)
+    finally:
+        model.generation_config.eos_token_id = saved_eos
+    return truncate_response(out[:, queries.shape[1] :], tokenizer.eos_token_id, tokenizer.pad_token_id)  # Detail 21
+
+
+def decode_responses(tokenizer, responses: torch.Tensor):
+    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+    return [t.strip() for t in texts]
+
+
+def sample_and_judge(model, dataset, tokenizer, args: Args, accelerator, judge, tag: str):
+    """Detail 13 samples on the queries of `dataset` (--split), their ROUGE-L against the references and, with the
+    embedded task's gold judge (`judge`, None otherwise), its metrics: `{tag}_rougeL`, `{tag}_gold_win_rate`, ..."""
     from rouge_score import rouge_scorer
 
     unwrapped = accelerator.unwrap_model(model)
+    was_training = unwrapped.training
     unwrapped.eval()
     n = min(args.num_eval_samples, len(dataset))
     rows = []
@@ -282,7 +323,8 @@ def sample_and_judge(model, dataset, tokenizer, args: Args, accelerator, judge=N
                 id=part[i]["id"], query=part[i]["query"], response=text, reference=part[i]["summary"],
                 response_token_len=lens[i], reference_token_len=part[i]["reference_response_token_len"],
             ))
-    unwrapped.train()
+    if was_training:
+        unwrapped.train()
     from accelerate.utils import gather_object
 
     rows = gather_object(rows) if accelerator.num_processes > 1 else rows
@@ -292,11 +334,10 @@ def sample_and_judge(model, dataset, tokenizer, args: Args, accelerator, judge=N
         f"{tag}_mean_response_len": float(np.mean([r["response_token_len"] for r in rows])),
     }
     if judge is not None:
-        metrics[f"{tag}_gold_win_rate"] = judge.win_rate([r["query"] for r in rows], [r["response"] for r in rows], [r["reference"] for r in rows])
-        for r in rows:
-            r["gold_score"] = judge.score(r["query"], r["response"])
-            r["gold_reference_score"] = judge.score(r["query"], r["reference"])
-        metrics[f"{tag}_gold_score"] = float(np.mean([r["gold_score"] for r in rows]))
+        gold, per_row = judge.sample_metrics([r["query"] for r in rows], [r["response"] for r in rows], [r["reference"] for r in rows])
+        metrics.update({f"{tag}_{k}": v for k, v in gold.items()})
+        for r, scores in zip(rows, per_row):
+            r.update(scores)
     return metrics, rows
 
 
@@ -310,6 +351,9 @@ def print_samples(rows, title: str, k: int = 4):
     console.print(table)
 
 
+# ----------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------
 def make_optimizer(model, args: Args, num_updates: int):
     from transformers import get_cosine_schedule_with_warmup
 
@@ -367,6 +411,25 @@ def check_batch_arithmetic(args: Args, world_size: int) -> int:
     return args.total_batch_size // per_step
 
 
+def check_meta(dataset_path: str, tokenizer, model_path: str):
+    """The data set must be tokenized with the model's tokenizer: same [PAD] and EOS ids as its meta.json."""
+    meta_path = os.path.join(dataset_path, "meta.json")
+    if os.path.exists(meta_path):
+        meta = json.load(open(meta_path))
+        if meta["pad_token_id"] != tokenizer.pad_token_id or meta["eos_token_id"] != tokenizer.eos_token_id:
+            raise ValueError(f"{meta_path}: pad/eos ids {meta['pad_token_id']}/{meta['eos_token_id']} differ from the tokenizer of {model_path}")
+
+
+def load_gold_judge(args: Args):
+    """The embedded task's hidden judge with --gold_task_dir, else None. Imported here only, so that the stage
+    runs without embedded_task.py."""
+    if not args.gold_task_dir:
+        return None
+    from embedded_task import GoldJudge
+
+    return GoldJudge.from_dir(args.gold_task_dir)
+
+
 def exit_without_finalization():
     """End a multi-process rank once every output is written. After a DDP wrapper was built, torch keeps the gloo
     process group and its worker threads alive past destroy_process_group; a worker still busy when the interpreter
@@ -376,10 +439,9 @@ def exit_without_finalization():
     os._exit(0)
 
 
-if __name__ == "__main__":
+def main(args: Args) -> dict:
     import datasets
 
-    args = parse_args()
     use_bf16 = args.bf16 and (torch.cuda.is_available() or args.bf16_on_cpu)
     accelerator = make_accelerator(mixed_precision="bf16" if use_bf16 else "no")
     grad_accum = check_batch_arithmetic(args, accelerator.num_processes)
@@ -390,7 +452,7 @@ if __name__ == "__main__":
             json.dump(asdict(args), f, indent=2)
     start_time = time.time()
 
-    # Data: the SFT split written by tldr_dataset.py.
+    # ---- data: the SFT split written by tldr_dataset.py
     sft_path = os.path.join(args.dataset_path, "sft")
     if not os.path.isdir(sft_path):
         raise FileNotFoundError(f"{sft_path} not found: build the data set first with tldr_dataset.py")
@@ -399,18 +461,11 @@ if __name__ == "__main__":
         if split not in data or len(data[split]) == 0:
             raise ValueError(f"{sft_path}: split {split!r} is missing or empty")
     tokenizer = load_tokenizer(args.base_model)
-    meta_path = os.path.join(args.dataset_path, "meta.json")
-    if os.path.exists(meta_path):
-        meta = json.load(open(meta_path))
-        if meta["pad_token_id"] != tokenizer.pad_token_id or meta["eos_token_id"] != tokenizer.eos_token_id:
-            raise ValueError(f"{meta_path}: pad/eos ids {meta['pad_token_id']}/{meta['eos_token_id']} differ from the tokenizer of {args.base_model}")
+    check_meta(args.dataset_path, tokenizer, args.base_model)
     pad_id = tokenizer.pad_token_id
-    judge = None
-    if args.gold_task_dir:
-        from embedded_task import GoldJudge  # the hidden evaluator of the embedded task only
+    judge = load_gold_judge(args)
 
-        judge = GoldJudge.from_dir(args.gold_task_dir)
-
+    # ---- model
     set_seed(args.seed)  # Detail 10: identical model initialisation on every process
     model = load_policy(args.base_model, tokenizer)
     metrics = {}
@@ -430,8 +485,7 @@ if __name__ == "__main__":
         raise ValueError(f"train split has {len(train)} rows, fewer than one update of total_batch_size={args.total_batch_size}")
     optimizer, scheduler = make_optimizer(model, args, num_updates)
     model, optimizer, loader, val_loader, scheduler = accelerator.prepare(model, optimizer, loader, val_loader, scheduler)
-    # The scheduler steps once per update (not per process / micro-batch).
-    scheduler.split_batches = True
+    scheduler.split_batches = True  # the scheduler steps once per update (not per process / micro-batch)
 
     ckpt_dir = os.path.join(args.output_dir, "checkpoint")
     update = 0
@@ -448,11 +502,13 @@ if __name__ == "__main__":
         wandb.init(project=args.wandb_project_name, name=f"{args.exp_name}_{args.seed}", config=asdict(args))
     log = open(os.path.join(args.output_dir, "metrics.jsonl"), "a") if accelerator.is_main_process else None
 
+    # ---- training loop
     model.train()
     micro_per_epoch = num_updates // args.num_train_epochs * grad_accum
     progress = Progress(TextColumn("[bold]SFT"), BarColumn(), TextColumn("{task.completed}/{task.total} updates"),
                         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
                         disable=not accelerator.is_main_process)
+    row = {}
     with progress:
         task = progress.add_task("sft", total=num_updates, completed=update, info="")
         micro, loss_sum = update * grad_accum, torch.zeros((), device=accelerator.device)
@@ -497,8 +553,9 @@ if __name__ == "__main__":
                     if accelerator.is_main_process:
                         json.dump({"update": update, "metrics": metrics}, open(os.path.join(ckpt_dir, "progress.json"), "w"))
 
+    # ---- final validation loss and samples (Detail 13)
     metrics["val_loss"] = validation_loss(model, val_loader, pad_id, accelerator, args.max_val_batches)
-    metrics["train_loss"] = row["train/loss"] if update else float("nan")
+    metrics["train_loss"] = row.get("train/loss", float("nan"))
     metrics["updates"] = update
     set_seed(args.seed + accelerator.process_index * 100003)  # Detail 10
     eval_metrics, rows = sample_and_judge(model, data[args.split], tokenizer, args, accelerator, judge, tag="sft")
@@ -507,6 +564,7 @@ if __name__ == "__main__":
         metrics["gold_win_rate"] = metrics["sft_gold_win_rate"]
     metrics["wall_seconds"] = time.time() - start_time
 
+    # ---- save
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.save_pretrained(args.output_dir, is_main_process=accelerator.is_main_process,
@@ -527,5 +585,10 @@ if __name__ == "__main__":
         log.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()  # destroys the process group of a multi-process run
-    if accelerator.num_processes > 1:
+    return metrics
+
+
+if __name__ == "__main__":
+    main(parse_args())
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         exit_without_finalization()

@@ -182,8 +182,8 @@ def test_detail13_detail21_eval_generation_exact_length(tok):
     seq = torch.tensor([[5, 6, 7]])  # Detail 11: the left-padded query decodes like the unpadded one
     for _ in range(7):
         seq = torch.cat([seq, dpo.forward(model, seq, pad).logits[:, -1:].argmax(-1)], 1)
-    assert out[0].tolist() == dpo.truncate_after_eos(seq[:, 3:], tok.eos_token_id, pad)[0].tolist()
-    assert dpo.truncate_after_eos(torch.tensor([[3, 0, 4, 0]]), 0, 99).tolist() == [[3, 0, 99, 99]]
+    assert out[0].tolist() == dpo.truncate_response(seq[:, 3:], tok.eos_token_id, pad)[0].tolist()
+    assert dpo.truncate_response(torch.tensor([[3, 0, 4, 0]]), 0, 99).tolist() == [[3, 0, 99, 99]]
     assert dpo.Args().response_length == 53 and dpo.Args().eval_temperature == 0.01
 
 

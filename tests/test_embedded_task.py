@@ -281,3 +281,21 @@ def test_near_misses_are_plausible_values(data):
         assert et.near_miss(rec, "feeling", rng) in set(et.FEELINGS) - {rec["feeling"]}
     with pytest.raises(ValueError, match="unknown detail 'event'"):
         et.near_miss(data["records"][0], "event", et._rng(0))
+
+
+def test_sample_metrics_is_the_stages_gold_seam(judge, data):
+    """GoldJudge.sample_metrics, the one call a stage makes with --gold_task_dir: the win rate and mean score of the
+    samples, and each sample's score and its reference's score, as the judge's own win_rate / score give them."""
+    recs = data["sft_validation"][:6]
+    queries = [_query(r) for r in recs]
+    references = [r["summary"] for r in recs]
+    responses = [r["summary"] if i % 2 else "nothing at all" for i, r in enumerate(recs)]
+    metrics, rows = judge.sample_metrics(queries, responses, references)
+    assert list(metrics) == ["gold_win_rate", "gold_score"]
+    assert metrics["gold_win_rate"] == judge.win_rate(queries, responses, references)
+    assert [r["gold_score"] for r in rows] == [judge.score(q, s) for q, s in zip(queries, responses)]
+    assert [r["gold_reference_score"] for r in rows] == [judge.score(q, s) for q, s in zip(queries, references)]
+    assert metrics["gold_score"] == pytest.approx(sum(r["gold_score"] for r in rows) / 6)
+    assert rows[0]["gold_score"] < rows[0]["gold_reference_score"]
+    with pytest.raises(ValueError, match="same length"):
+        judge.sample_metrics(queries, responses[:-1], references)

@@ -105,8 +105,10 @@ def test_detail12_loss_is_mean_of_per_sequence_means_at_any_micro_batch(tok):
 
 def test_detail21_truncate_after_first_eos():
     eos, pad = 0, 99
-    r = torch.tensor([[3, 0, 4, 0, 5], [3, 4, 5, 6, 7], [0, 1, 2, 3, 4]])
-    assert sft.truncate_after_eos(r, eos, pad).tolist() == [[3, 0, 99, 99, 99], [3, 4, 5, 6, 7], [0, 99, 99, 99, 99]]
+    r = torch.tensor([[3, 0, 4, 0, 5], [3, 4, 5, 6, 7], [0, 1, 2, 3, 4], [3, 99, 4, 0, 5]])
+    # a sampled [PAD] ends the response too (as in PPO's truncate_response): no tokens after it are kept
+    assert sft.truncate_response(r, eos, pad).tolist() == [[3, 0, 99, 99, 99], [3, 4, 5, 6, 7], [0, 99, 99, 99, 99],
+                                                            [3, 99, 99, 99, 99]]
 
 
 def test_detail13_generation_exact_length_eos_does_not_stop(tok):
@@ -130,7 +132,7 @@ def test_detail13_generation_exact_length_eos_does_not_stop(tok):
     seq = torch.tensor([[5, 6, 7]])
     for _ in range(7):
         seq = torch.cat([seq, sft.forward(model, seq, tok.pad_token_id).logits[:, -1:].argmax(-1)], 1)
-    assert out[0].tolist() == sft.truncate_after_eos(seq[:, 3:], tok.eos_token_id, tok.pad_token_id)[0].tolist()
+    assert out[0].tolist() == sft.truncate_response(seq[:, 3:], tok.eos_token_id, tok.pad_token_id)[0].tolist()
 
 
 def test_detail8_detail9_optimizer_and_cosine_schedule(tok):
@@ -239,3 +241,45 @@ def test_bf16_on_cpu_run_and_test_split(tiny_run_inputs, tmp_path):
     assert len(samples) == 8 and all(s["id"].startswith("test") for s in samples)
     model = sft.load_policy(str(out), sft.load_tokenizer(str(out)))
     assert model.get_input_embeddings().weight.dtype == torch.float32
+
+
+def test_main_in_process_returns_metrics_and_gold_seam(tiny_run_inputs, tmp_path, monkeypatch):
+    """sft.main(args) runs in-process and returns the metrics it writes. With --gold_task_dir the only contact with
+    the embedded task is GoldJudge.from_dir and one judge.sample_metrics call per evaluation: its metrics come back
+    prefixed (base_, sft_, and gold_win_rate) and its per-row scores land in eval_samples.jsonl."""
+    import types
+
+    from accelerate.state import AcceleratorState
+
+    calls = []
+
+    class StandInJudge:
+        @classmethod
+        def from_dir(cls, task_dir):
+            calls.append(("from_dir", task_dir))
+            return cls()
+
+        def sample_metrics(self, queries, responses, references):
+            calls.append(("sample_metrics", len(queries)))
+            rows = [{"gold_score": float(len(r)), "gold_reference_score": -1.0} for r in responses]
+            return {"gold_win_rate": 0.25, "gold_score": sum(r["gold_score"] for r in rows) / len(rows)}, rows
+
+    monkeypatch.setitem(sys.modules, "embedded_task", types.SimpleNamespace(GoldJudge=StandInJudge))
+    data, model_dir = tiny_run_inputs
+    out = tmp_path / "inproc"
+    args = sft.parse_args(["--preset", "embedded", "--base_model", str(model_dir), "--dataset_path", str(data),
+                           "--output_dir", str(out), "--gold_task_dir", "some/task", "--total_batch_size", "8",
+                           "--per_device_train_batch_size", "4", "--num_eval_samples", "4", "--eval_batch_size", "4",
+                           "--response_length", "4", "--eval_every", "0", "--save_every", "0", "--num_train_epochs", "1"])
+    AcceleratorState._reset_state(True)
+    try:
+        metrics = sft.main(args)
+    finally:
+        AcceleratorState._reset_state(True)
+    assert metrics == {**json.load(open(out / "metrics.json")), "wall_seconds": metrics["wall_seconds"]}
+    assert calls == [("from_dir", "some/task"), ("sample_metrics", 4), ("sample_metrics", 4)]
+    assert metrics["base_gold_win_rate"] == metrics["sft_gold_win_rate"] == metrics["gold_win_rate"] == 0.25
+    samples = [json.loads(line) for line in open(out / "eval_samples.jsonl")]
+    assert [s["gold_score"] for s in samples] == [float(len(s["response"])) for s in samples]
+    assert all(s["gold_reference_score"] == -1.0 for s in samples)
+    assert metrics["sft_gold_score"] == pytest.approx(sum(s["gold_score"] for s in samples) / 4)
