@@ -109,7 +109,7 @@ def near_miss_accuracy(rm: nn.Module, judge, queries: List[str], query_tokens: t
         for i in range(0, len(queries), batch_size):
             pairs = [near_miss_pair(rec, detail, rng) for rec in records[i:i + batch_size]]
             texts = [" " + t + eos for pair in pairs for t in pair]  # Detail 4: the summary starts with a space
-            resp = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")["input_ids"]
+            resp = tokenizer(texts, add_special_tokens=False, padding=True, padding_side="right", return_tensors="pt")["input_ids"]
             q = query_tokens[i:i + batch_size].repeat_interleave(2, dim=0)
             ids = torch.cat([q, resp.to(q.device)], 1)  # left-padded query, right-padded summary (Details 11, 15)
             with torch.no_grad():

@@ -443,8 +443,7 @@ def ppo_losses(new_logprobs, old_logprobs, advantages, new_values, old_values, r
 # Models
 # ----------------------------------------------------------------------------------------------------------------
 class ScalarModelConfig(PretrainedConfig):
-    """The reward model's config, identical to reward.py's (copied so that ppo.py stays self-contained): the
-    trunk's own config as a dict, its hidden size and provenance."""
+    """Config of the scalar reward model: the trunk's own config (as a dict) plus provenance."""
 
     model_type = "tldr_scalar_model"
 

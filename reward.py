@@ -145,18 +145,23 @@ PRESETS: Dict[str, Args] = {
 }
 
 
-def parse_args(argv: Optional[List[str]] = None) -> Args:
-    """Peek `--preset NAME` (or `--preset=NAME`) and let tyro parse the rest on top of that preset."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    name = "paper"
+def parse_args(argv: Optional[list] = None) -> Args:
+    """Peek --preset (or, without it, the preset of --base_model's size), then let tyro parse the rest with that
+    preset as the defaults; the folders left unset are derived from the base model."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    name = None
     for i, a in enumerate(argv):
         if a == "--preset" and i + 1 < len(argv):
             name = argv[i + 1]
         elif a.startswith("--preset="):
             name = a.split("=", 1)[1]
+        elif name is None and (a == "--base_model" and i + 1 < len(argv) or a.startswith("--base_model=")):
+            model = argv[i + 1] if a == "--base_model" else a.split("=", 1)[1]
+            name = next((k for k, p in PRESETS.items() if k.startswith("paper") and p.base_model == model), None)
+    name = name or "paper"
     if name not in PRESETS:
-        raise ValueError(f"--preset: unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    return default_paths(tyro.cli(Args, default=PRESETS[name], args=argv))
+        raise ValueError(f"--preset {name!r} unknown; choose one of {sorted(PRESETS)}")
+    return default_paths(tyro.cli(Args, default=replace(PRESETS[name], preset=name), args=argv))
 
 
 def model_name(base_model: str) -> str:
@@ -237,44 +242,38 @@ def init_reward_head(head: nn.Linear) -> None:
 
 
 def disable_dropout(model: nn.Module) -> nn.Module:
-    # Detail 7: every dropout probability in every config to 0 AND p=0 on every nn.Dropout module
-    def zero_cfg(cfg):
-        if isinstance(cfg, dict):
-            for k, v in cfg.items():
-                if isinstance(v, dict):
-                    zero_cfg(v)
-                elif str(k).endswith(("dropout", "pdrop")) and isinstance(v, (int, float)):
-                    cfg[k] = 0.0
-            return
-        for k in list(cfg.to_dict().keys()):
-            v = getattr(cfg, k, None)
-            if isinstance(v, dict):
-                zero_cfg(v)
-            elif str(k).endswith(("dropout", "pdrop")) and isinstance(v, (int, float)):
-                setattr(cfg, k, 0.0)
+    """Detail 7: every dropout probability 0: nn.Dropout modules, the float attributes modules copy from their
+    config at init (GPT-NeoX attention applies `self.attention_dropout` functionally in train mode), and the config
+    fields, also those of a trunk config kept as a dict (the reward model's), so a saved model reloads without it."""
 
-    for m in model.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0
-        # modules that copied a dropout prob into a float attribute at init (GPT-NeoX attention keeps
-        # `self.attention_dropout = config.attention_dropout` and applies it functionally in train mode)
-        for name, value in list(vars(m).items()):
-            if str(name).endswith(("dropout", "pdrop")) and isinstance(value, float) and not isinstance(value, bool):
-                setattr(m, name, 0.0)
-        cfg = getattr(m, "config", None)
-        if isinstance(cfg, PretrainedConfig):
-            zero_cfg(cfg)
+    def is_dropout(key, value) -> bool:
+        return isinstance(key, str) and key.endswith(("dropout", "pdrop")) and isinstance(value, float)
+
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for key, value in list(vars(module).items()):
+            if is_dropout(key, value):
+                setattr(module, key, 0.0)
+        config = getattr(module, "config", None)
+        for key, value in list(vars(config).items()) if hasattr(config, "to_dict") else []:
+            if is_dropout(key, value):
+                setattr(config, key, 0.0)
+            elif isinstance(value, dict):
+                value.update({k: 0.0 for k, v in value.items() if is_dropout(k, v)})
     return model
 
 
 def load_tokenizer(path: str):
-    tok = AutoTokenizer.from_pretrained(path, padding_side="right")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
     # Detail 3: a dedicated [PAD], never EOS, added whatever pad the tokenizer reports (Pythia's: <|padding|>),
     # as released; Pythia's [PAD] is id 50277. Idempotent on a tokenizer saved with [PAD] by an earlier stage.
-    tok.add_special_tokens({"pad_token": "[PAD]"})
-    if tok.eos_token_id is not None and tok.pad_token_id == tok.eos_token_id:
-        raise ValueError(f"tokenizer at {path}: pad_token_id == eos_token_id ({tok.pad_token_id}); Detail 3 forbids it")
-    return tok
+    tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+    if tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise ValueError(f"{path}: the pad token equals EOS ({tokenizer.eos_token_id}); Detail 3 forbids this")
+    return tokenizer
 
 
 def maybe_resize(model_trunk: nn.Module, tokenizer) -> None:
