@@ -10,6 +10,7 @@ only changes sizes and paths). Results land in `runs/quickstart/`; the summary o
 
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -143,6 +144,7 @@ def main(args: Args):
     # the pipeline's wall time: every stage's seconds, also those of stages run by an earlier invocation
     summary["wall_seconds"] = round(sum(v for k, v in summary.items() if k.endswith("_seconds") and k[: -len("_seconds")] in STAGES), 1)
     summary["seed"], summary["size"] = args.seed, args.size
+    summary["machine"] = f"{platform.node()} ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
     with open(os.path.join(o, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
 
@@ -172,7 +174,14 @@ def main(args: Args):
             ft.add_row(slot, *[f"{facts[n][slot][o]:.2f}" for n in names for o in ("right", "wrong")])
         ft.add_row("mean", *[f"{summary[f'{n}_facts_{o}']:.2f}" for n in names for o in ("right", "wrong")])
         console.print(ft)
-    console.print(f"wall time {summary['wall_seconds']:.0f} s")
+    times = Table(title="Wall time per stage (s)")
+    for stage in STAGES:
+        if f"{stage}_seconds" in summary:
+            times.add_column(stage)
+    times.add_column("total")
+    times.add_row(*[f"{summary[f'{st}_seconds']:.0f}" for st in STAGES if f"{st}_seconds" in summary],
+                  f"{summary['wall_seconds']:.0f}")
+    console.print(times)
     print(os.path.abspath(os.path.join(o, "summary.json")))
 
 

@@ -126,7 +126,9 @@ def main(args: Args) -> dict:
             raise FileNotFoundError(f"{path} not found: run without --no-run, or check that seed's logs")
         with open(path) as f:
             per_seed[seed] = json.load(f)
-    machine = f"{platform.node()} ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+    # the machine the runs recorded (quickstart.py writes it), else this one
+    recorded = sorted({s["machine"] for s in per_seed.values() if s.get("machine")})
+    machine = "; ".join(recorded) or f"{platform.node()} ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
     summary = summarise(per_seed, machine)
     summary["written"] = time.strftime("%Y-%m-%d")
     summary["size"] = args.size

@@ -61,3 +61,21 @@ def test_readme_is_a_door_with_the_generated_results_block():
     assert len(text.splitlines()) <= 150
     assert text.count(qs.START) == 1 and text.count(qs.END) == 1 and text.index(qs.START) < text.index(qs.END)
     assert text.splitlines()[3].endswith("# whole pipeline, embedded task, CPU") and "python -m pytest -q" in text.splitlines()[4]
+
+
+def test_quickstart_prints_stage_times_and_summary_path_last(tmp_path):
+    """quickstart.py re-reads an earlier invocation's stage times, prints them per stage, records the machine and
+    prints the summary's path as its last line."""
+    import subprocess
+
+    out = tmp_path / "q"
+    out.mkdir()
+    (out / "summary.json").write_text(json.dumps({"sft_seconds": 100.0, "rm_seconds": 20.0, "ppo_seconds": 50.5}))
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "quickstart.py"), "--stages", "", "--out_dir", str(out)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    lines = p.stdout.strip().splitlines()
+    assert lines[-1] == str(out / "summary.json")
+    assert "Wall time per stage" in p.stdout and "170" in p.stdout  # 100 + 20 + 50.5
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["wall_seconds"] == 170.5 and "cores" in summary["machine"]
