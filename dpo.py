@@ -82,7 +82,7 @@ class Args:
     num_val_pairs: Optional[int] = None
     """use only the first N pairs of each validation split (None: all)"""
     per_device_eval_batch_size: int = 16
-    """pairs per forward pass in validation"""
+    """pairs per forward pass in validation (proportionally fewer for rows wider than 638 tokens: validation_cnndm)"""
     num_eval_samples: int = 256
     """validation queries sampled at the end (Detail 13), judged by the gold judge on the embedded task"""
     eval_batch_size: int = 32
@@ -318,6 +318,7 @@ def validation_metrics(prefix: str, lp: Dict[str, np.ndarray], ds, beta: float) 
 
 
 PAIR_COLUMNS = ["query_token", "query_chosen_token", "query_rejected_token"]
+TLDR_QUERY_RESPONSE_LENGTH = 638  # Detail 5: the width of a TL;DR preference row
 
 
 def batch_tensors(batch, pad_id: int):
@@ -334,6 +335,10 @@ def pairs_logprobs(model, ds, pad_id: int, batch_size: int, accelerator) -> Dict
     model.eval()
     out = []
     rank, world = accelerator.process_index, accelerator.num_processes
+    # Detail 6: validation_cnndm rows are 2,021 tokens wide: proportionally fewer pairs per forward, so that their
+    # vocabulary-wide logits take no more memory than a batch of 638-token TL;DR rows
+    width = max(len(ds[0]["query_chosen_token"]), len(ds[0]["query_rejected_token"])) if len(ds) else 0
+    batch_size = max(1, batch_size * TLDR_QUERY_RESPONSE_LENGTH // max(width, TLDR_QUERY_RESPONSE_LENGTH))
     for start in range(rank * batch_size, len(ds), batch_size * world):
         part = ds.select(range(start, min(start + batch_size, len(ds)))).with_format("torch", columns=PAIR_COLUMNS)[:]
         batch = {k: part[k].to(accelerator.device) for k in PAIR_COLUMNS}

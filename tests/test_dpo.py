@@ -300,3 +300,35 @@ def test_bf16_on_cpu_run_and_test_split(tiny_run_inputs, tmp_path):
     assert len(samples) == 4 and all(s["id"].startswith("test") for s in samples)
     policy = dpo.load_policy(str(out), dpo.load_tokenizer(str(out)))
     assert policy.get_input_embeddings().weight.dtype == torch.float32
+
+
+def test_detail6_validation_cnndm_scored_in_width_scaled_batches(tok):
+    """validation_cnndm rows are 2,021 tokens wide (Detail 6): dpo.py scores them in proportionally fewer pairs per
+    forward (16 x 638 // 2,021 = 5), TL;DR rows in the full batch, with the same log-probabilities as one pair at a time."""
+    import datasets
+    from types import SimpleNamespace
+
+    model = tiny_model(tok).eval()
+    pad = tok.pad_token_id
+    calls = []
+    model.register_forward_pre_hook(lambda m, a, kw: calls.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    accelerator = SimpleNamespace(process_index=0, num_processes=1, device=torch.device("cpu"))
+
+    def pairs(n, query_width, width):
+        rows = []
+        for i in range(n):
+            query = [5 + i, 6, 7]
+            rows.append(dict(query_token=[pad] * (query_width - 3) + query,
+                             query_chosen_token=(query + [8 + i, 0] + [pad] * width)[:width],
+                             query_rejected_token=(query + [20 + i, 21, 0] + [pad] * width)[:width]))
+        return datasets.Dataset.from_list(rows)
+
+    cnndm = pairs(12, 1919, 2021)
+    lp = dpo.pairs_logprobs(model, cnndm, pad, 16, accelerator)
+    assert calls == [10, 10, 4]  # pairs of 5, 5 and 2 (chosen and rejected in one forward)
+    calls.clear()
+    one = dpo.pairs_logprobs(model, cnndm, pad, 1, accelerator)
+    np.testing.assert_allclose(lp["c"], one["c"], rtol=1e-5), np.testing.assert_allclose(lp["r"], one["r"], rtol=1e-5)
+    calls.clear()
+    dpo.pairs_logprobs(model, pairs(12, 512, 638), pad, 16, accelerator)
+    assert calls == [24]

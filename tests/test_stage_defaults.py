@@ -93,3 +93,13 @@ def test_sweep_uses_the_stage_defaults(tmp_path):
             if script == "ppo.py":
                 assert given.per_device_train_batch_size == base.per_device_train_batch_size
     assert checked > 40
+
+
+def test_ppo_size_preset_from_a_local_snapshot():
+    """A local copy of a Pythia size (a folder named like it) gets that size's preset too, as its derived folders do."""
+    for size, preset in (("1b", "paper"), ("2.8b", "paper-2.8b"), ("6.9b", "paper-6.9b")):
+        path = f"/ckpt/EleutherAI/pythia-{size}-deduped"
+        a = ppo.parse_args(["--base_model", path])
+        assert (a.preset, a.base_model, a.offload) == (preset, path, size == "6.9b")
+        assert a.per_device_train_batch_size == {"1b": 16, "2.8b": 4, "6.9b": 1}[size]
+        assert a.sft_model_path == f"models/sft_pythia-{size}-deduped"
