@@ -19,10 +19,10 @@ by (judge model, full prompt, order), so an interrupted run resumes without payi
 free; `--max_requests` / `--max_cost_usd` guards that stop cleanly and report the missing items.
 
 Usage:
-  OPENAI_API_KEY=... python eval_gpt_judge.py --samples runs/ppo/eval_samples.jsonl \
-      --compare_samples runs/sft/eval_samples.jsonl --judge_model gpt-4-0125-preview --output_dir runs/judge
+  OPENAI_API_KEY=... python eval_gpt_judge.py --samples models/ppo_pythia-1b-deduped/eval_samples.jsonl \
+      --compare_samples models/sft_pythia-1b-deduped/eval_samples.jsonl --judge_model gpt-4-0125-preview --output_dir runs/judge
   python eval_gpt_judge.py --judge gold --gold_task_dir runs/quickstart/task --samples ... --output_dir ...
-  python eval_gpt_judge.py --model_path runs/ppo --dataset_path runs/dataset --split test ...   # generate first
+  python eval_gpt_judge.py --model_path models/ppo_pythia-1b-deduped --dataset_path data/tldr --split test ...   # generate first
 """
 
 from __future__ import annotations
@@ -588,9 +588,9 @@ class OpenAIJudge:
         self.openai = openai
         api_key = os.environ.get(args.api_key_env)
         if not api_key:
-            if args.base_url is None:
+            if args.base_url is None and args.max_requests != 0:
                 raise ValueError(f"--judge openai needs an API key in the environment variable {args.api_key_env}")
-            api_key = "EMPTY"  # local servers (vLLM, the test server) ignore it
+            api_key = "EMPTY"  # local servers (vLLM, the test server) ignore it; a dry run sends nothing
         self.client = openai.AsyncOpenAI(api_key=api_key, base_url=args.base_url, timeout=args.request_timeout, max_retries=0)
         self.model = args.judge_model
         self.args = args

@@ -185,7 +185,7 @@ def test_paper_chain_with_default_paths(tmp_path, pythia_tokenizer_dir):
     assert 0.0 <= dpo["val_cnndm_reward_accuracy"] <= 1.0
 
     # ---- the judge, dry run: reads PPO's samples, counts the requests, sends none
-    out = run(work, "eval_gpt_judge.py", *model, "--max_requests", "0", env={"OPENAI_API_KEY": "sk-dry-run"})
+    out = run(work, "eval_gpt_judge.py", *model, "--max_requests", "0", env={"OPENAI_API_KEY": ""})  # a dry run needs no key
     judge = json.load(open(ppo_dir / "judge" / "metrics.json"))
     assert json.load(open(ppo_dir / "judge" / "args.json"))["samples"] == f"models/ppo_{NAME}/eval_samples.jsonl"
     assert (judge["n_judgements_total"], judge["n_missing_total"], judge["n_requests"], judge["complete"]) == (4, 4, 0, 0)
