@@ -173,20 +173,6 @@ def import_ppo():
     return ppo, stand_in
 
 
-def word_level_tokenizer(vocab_size: int):
-    """Stand-in when Pythia's tokenizer files are absent: EOS id 0, [PAD] last, the same number of ids as
-    Pythia's tokenizer with [PAD] (the check feeds random ids; only the special ids and the size matter)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<|endoftext|>": 0, **{f"w{i}": i for i in range(1, vocab_size - 1)}}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="w1"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", unk_token="w1")
-    tok.add_special_tokens({"pad_token": "[PAD]"})
-    return tok
-
-
 def ratio_check(device: str, shape_name: str, precision: str, tokenizer_dir: str, seed: int = 1) -> dict:
     import copy
     import math
@@ -199,7 +185,10 @@ def ratio_check(device: str, shape_name: str, precision: str, tokenizer_dir: str
     if tokenizer_dir:
         tok, tok_name = ppo.load_tokenizer(tokenizer_dir), tokenizer_dir  # ppo.py's own pad handling (Detail 3)
     else:
-        tok, tok_name = word_level_tokenizer(50278), "word-level stand-in (Pythia tokenizer not found)"
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from throughput import make_tokenizer  # EOS id 0, [PAD] last: only the special ids and the size matter here
+
+        tok, tok_name = make_tokenizer(50278), "word-level stand-in (Pythia tokenizer not found)"
     pad_id, eos_id = tok.pad_token_id, tok.eos_token_id
     batch, fwd_bs, micro = shape.pop("batch"), shape.pop("forward_batch"), shape.pop("micro_batch")
     q_len, r_len = shape.pop("query_length"), shape.pop("response_length")
