@@ -142,7 +142,8 @@ def parse_args(argv: Optional[list] = None) -> Args:
             name = a.split("=", 1)[1]
         elif name is None and (a == "--base_model" and i + 1 < len(argv) or a.startswith("--base_model=")):
             model = argv[i + 1] if a == "--base_model" else a.split("=", 1)[1]
-            name = next((k for k, p in PRESETS.items() if k.startswith("paper") and p.base_model == model), None)
+            # by the model's name, so that a local snapshot (/ckpt/EleutherAI/pythia-6.9b-deduped) gets its size's preset
+            name = next((k for k, p in PRESETS.items() if k.startswith("paper") and model_name(p.base_model) == model_name(model)), None)
     name = name or "paper"
     if name not in PRESETS:
         raise ValueError(f"--preset {name!r} unknown; choose one of {sorted(PRESETS)}")
