@@ -316,10 +316,15 @@ class GenConfig:
     n_cmp_val: int = 1000
     cmp_per_post: int = 2  # comparisons per comparison post (the real data has several per post)
     n_pretrain_posts: int = 16000
+    p_pretrain_edit: float = 0.0  # share of pretraining posts ending with an "EDIT:" restating facts (a knob, off)
     target_agreement: float = 0.75  # label agreement with the noiseless judge (human raters agree ~70-80%)
-    p_ref_miss: float = 0.25  # a human reference misses 1-2 salient facts
-    p_ref_irrelevant: float = 0.15  # a human reference carries an irrelevant detail
-    version: int = 3  # bump when the generator's output changes
+    # What a human TL;DR states (design in docs/embedded_task.md): humans lose on coverage and focus, not on copying.
+    p_ref_question: float = 0.35  # a human reference states the poster's question (most real TL;DRs leave it out)
+    p_ref_feeling: float = 0.3  # ... states the poster's feeling
+    p_ref_miss: float = 0.2  # ... misses one more salient fact (the narrator, the duration, the other person, the event)
+    p_ref_irrelevant: float = 0.2  # ... carries an irrelevant detail of the post
+    post_words: Tuple[int, int] = (45, 90)  # the post's length in words (drawn uniformly; fillers make up the rest)
+    version: int = 4  # bump when the generator's output changes
 
 
 def _age_gender(rng: random.Random, other: str, narrator_age: int) -> Tuple[int, str]:
@@ -359,14 +364,16 @@ def _ag(age: int, g: str, rng: random.Random) -> str:
     return rng.choice([f"{age}{g}", f"{age}{g}", f"{age}{g.lower()}", f"{age} {g}"])
 
 
-def realise_post(rec: dict, rng: random.Random) -> Tuple[str, str, str]:
-    """Surface realisation of a record: (subreddit, title, post). Paragraphs are separated by newlines."""
+def realise_post(rec: dict, rng: random.Random, post_words: Tuple[int, int] = (45, 90)) -> Tuple[str, str, str]:
+    """Surface realisation of a record: (subreddit, title, post). Paragraphs are separated by newlines. Records the
+    post's own words for the duration and the feeling in `rec` (`duration_form`, `feeling_form`)."""
     g = rec["other_gender"]
     p = _pron(g)
     other = OTHERS[rec["other"]]["post"]
     cat = rec["category"]
     na, ng, oa = rec["narrator_age"], rec["narrator_gender"], rec["other_age"]
     d = duration_text(rec["duration"], rng)
+    rec["duration_form"] = d  # the words the post uses, which a summary can copy
     dur = _fmt(rng.choice(DURATION_POST[cat]), g, d=d)
     intro = rng.choice([
         f"My ({na}{ng}) {other} ({oa}{g}) and I have known each other a long time; {dur}.",
@@ -380,9 +387,11 @@ def realise_post(rec: dict, rng: random.Random) -> Tuple[str, str, str]:
     ev = EVENTS[rec["event"]]
     event_sent = _cap(_fmt(rng.choice(ev["post"]), g))
     feel = FEELINGS[rec["feeling"]]
-    feel_sent = rng.choice(FEELING_POST).format(f=rng.choice(feel))
+    rec["feeling_form"] = rng.choice(feel)
+    feel_sent = rng.choice(FEELING_POST).format(f=rec["feeling_form"])
     q = QUESTIONS[rec["question"]]
     q_sent = _fmt(rng.choice(q["post"]), g)
+    rec["question_form"] = q_sent
     distractor_sents = [DISTRACTORS[k]["post"] for k in rec["distractors"]]
 
     mids = [_cap(_fmt(s, g)) for s in rng.sample(FILLER_MID, len(FILLER_MID))]
@@ -394,7 +403,7 @@ def realise_post(rec: dict, rng: random.Random) -> Tuple[str, str, str]:
     paras[2].append(feel_sent)
     paras[3].append(q_sent)
     # neutral filler until the post is long enough (a word-count target keeps the query under 256 tokens)
-    target_words = rng.randint(70, 140)
+    target_words = rng.randint(*post_words)
     words = sum(len(s.split()) for pp in paras for s in pp) + sum(len(s.split()) for s in distractor_sents)
     slots = [0, 1, 1, 1, 2, 2]
     while words < target_words and mids:
@@ -431,17 +440,26 @@ def realise_post(rec: dict, rng: random.Random) -> Tuple[str, str, str]:
 # =====================================================================================================
 
 def _summary_parts(rec: dict, rng: random.Random) -> Dict[str, str]:
+    """The phrases a summary is written from. The narrator, the duration, the feeling and the question are stated
+    in the post's own words (the post's "24F", `rec["duration_form"]`, `rec["feeling_form"]`,
+    `rec["question_form"]`), as a TL;DR writer copies them: facts a small model can copy, not paraphrase."""
     g = rec["other_gender"]
     o = rng.choice(OTHERS[rec["other"]]["anchors"][:2] if rec["other"] != "best friend" else ["best friend", "bff"])
-    d = duration_text(rec["duration"], rng)
+    d = rec.get("duration_form") or duration_text(rec["duration"], rng)
+    feeling = rec.get("feeling_form") or rng.choice(FEELINGS[rec["feeling"]])
     return dict(
-        narrator=_ag(rec["narrator_age"], rec["narrator_gender"], rng), other=o,
+        narrator=f'{rec["narrator_age"]}{rec["narrator_gender"]}', other=o,
         other_age=_ag(rec["other_age"], g, rng), duration=d,
         other_dur=_fmt(rng.choice(DURATION_SUMM[rec["category"]]), g, o=o, d=d),
         event=_fmt(rng.choice(EVENTS[rec["event"]]["summ"]), g), he=_pron(g)["he"],
-        feeling=rng.choice(FEELING_SUMM).format(f=rng.choice(FEELINGS[rec["feeling"]])),
-        question=_fmt(rng.choice(QUESTIONS[rec["question"]]["summ"]), g),
+        feeling=rng.choice(FEELING_SUMM).format(f=feeling),
+        question=_question_phrase(rec.get("question_form")) or _fmt(rng.choice(QUESTIONS[rec["question"]]["summ"]), g),
     )
+
+
+def _question_phrase(sentence: Optional[str]) -> Optional[str]:
+    """The post's question as a summary phrase: "Should I forgive him?" -> "should I forgive him"."""
+    return sentence[:1].lower() + sentence[1:].rstrip("?") if sentence else None
 
 
 SALIENT = ("narrator", "other", "duration", "event", "feeling", "question")
@@ -485,11 +503,16 @@ def compose_summary(rec: dict, rng: random.Random, drop: Sequence[str] = (), ext
 
 
 def human_reference(rec: dict, rng: random.Random, cfg: GenConfig) -> str:
-    """A human-like TL;DR: usually complete, ~25% miss 1-2 salient facts, ~15% carry an irrelevant detail."""
+    """A human-like TL;DR. It loses where Reddit's TL;DRs lose, on coverage and focus: it states the poster's
+    question in `p_ref_question` of posts and the feeling in `p_ref_feeling`, misses one more salient fact in
+    `p_ref_miss` and carries an irrelevant detail of the post in `p_ref_irrelevant`. What it states is right."""
     drop: List[str] = []
+    if rng.random() >= cfg.p_ref_question:
+        drop.append("question")
+    if rng.random() >= cfg.p_ref_feeling:
+        drop.append("feeling")
     if rng.random() < cfg.p_ref_miss:
-        drop = rng.sample(["narrator", "duration", "feeling", "question", "question", "feeling", "event", "other"],
-                          rng.choice([1, 1, 2]))
+        drop.append(rng.choice(["narrator", "narrator", "duration", "duration", "other", "event"]))
     extra = []
     if rng.random() < cfg.p_ref_irrelevant:
         extra = [DISTRACTORS[rng.choice(rec["distractors"])]["summ"]]
@@ -506,12 +529,15 @@ def wrong_record(rec: dict, rng: random.Random) -> dict:
         r["category"] = OTHERS[r["other"]]["cat"]
     elif slot == "duration":
         r["duration"] = rng.choice([m for m in DURATIONS_MONTHS if m != rec["duration"]])
+        r.pop("duration_form", None)  # the post's words state the right value
     elif slot == "event":
         r["event"] = rng.choice([e for e in EVENTS if e != rec["event"]])
     elif slot == "feeling":
         r["feeling"] = rng.choice([f for f in FEELINGS if f != rec["feeling"]])
+        r.pop("feeling_form", None)
     elif slot == "question":
         r["question"] = rng.choice([q for q in QUESTIONS if q != rec["question"]])
+        r.pop("question_form", None)
     else:
         r["narrator_age"] = rng.choice([a for a in range(18, 40) if a not in (rec["narrator_age"], rec["other_age"])])
     return r
@@ -895,6 +921,26 @@ def format_query(subreddit: str, title: str, post: str) -> str:
     return f"SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"
 
 
+EDIT_OPENERS = ["EDIT: for those asking,", "Edit: to clarify,", "EDIT: since people asked,", "Update:", "Edit:"]
+
+
+def edit_note(rec: dict, rng: random.Random, cfg: GenConfig) -> str:
+    """With probability `p_pretrain_edit`, the "EDIT:" a Reddit poster appends to a post: two to four of the
+    post's own facts restated in the post's words ("EDIT: to clarify, I'm 24F, we've been together 3 years"). The
+    base model sees no summaries; these notes reward retrieving a fact from earlier in the context, the skill
+    that copying a fact into a TL;DR needs (Pythia learns it from the Pile)."""
+    if rng.random() >= cfg.p_pretrain_edit:
+        return ""
+    g = rec["other_gender"]
+    other = OTHERS[rec["other"]]["post"]
+    facts = [f"I'm {rec['narrator_age']}{rec['narrator_gender']}", f"my {other} is {rec['other_age']}{g}",
+             f"it's been {rec['duration_form']}", f"I'm {rec['feeling_form']}",
+             f"my question is: {_question_phrase(rec['question_form'])}",
+             f"{_pron(g)['he']} {_fmt(rng.choice(EVENTS[rec['event']]['summ']), g)}"]
+    picked = rng.sample(facts, rng.randint(2, 4))
+    return "\n\n" + rng.choice(EDIT_OPENERS) + " " + ", ".join(picked) + "."
+
+
 def format_pretrain_text(subreddit: str, title: str, post: str) -> str:
     """A pretraining document: a post formatted like a query but WITHOUT the TL;DR part (the base model never
     sees summaries)."""
@@ -905,13 +951,13 @@ def _rng(seed: int, *keys) -> random.Random:
     return random.Random("/".join(str(k) for k in (seed,) + keys))
 
 
-def make_post(seed: int, split: str, i: int, seen: set) -> dict:
+def make_post(seed: int, split: str, i: int, seen: set, post_words: Tuple[int, int] = GenConfig.post_words) -> dict:
     """Record + realisation of post i of `split` (independent of every other post: its own RNG stream)."""
     for attempt in range(100):
         rng = _rng(seed, split, i, attempt)
         pid = "t3_" + hashlib.md5(f"{seed}/{split}/{i}/{attempt}".encode()).hexdigest()[:10]
         rec = make_record(rng, pid)
-        subreddit, title, post = realise_post(rec, rng)
+        subreddit, title, post = realise_post(rec, rng, post_words)
         key = (title, post[:48])
         if key in seen or pid in seen:
             continue
@@ -942,7 +988,7 @@ def calibrate_temperature(gaps: Sequence[float], target: float) -> float:
 def make_comparisons(seed: int, split: str, n: int, cfg: GenConfig, seen: set) -> Tuple[List[dict], List[dict]]:
     """Posts + pairs of summaries (not yet labelled). Returns (records, pairs, raw drafts)."""
     n_posts = max(1, math.ceil(n / cfg.cmp_per_post))
-    recs = [make_post(seed, f"cmp_{split}", i, seen) for i in range(n_posts)]
+    recs = [make_post(seed, f"cmp_{split}", i, seen, cfg.post_words) for i in range(n_posts)]
     pols, wts = list(POLICY_WEIGHTS), list(POLICY_WEIGHTS.values())
     drafts = []
     for k in range(n):
@@ -1005,7 +1051,7 @@ def generate_data(cfg: GenConfig) -> dict:
     for split, n in (("train", cfg.n_sft_train), ("validation", cfg.n_sft_val), ("test", cfg.n_sft_test)):
         rows = []
         for i in range(n):
-            rec = make_post(seed, f"sft_{split}", i, seen)
+            rec = make_post(seed, f"sft_{split}", i, seen, cfg.post_words)
             ref = human_reference(rec, _rng(seed, "ref", split, i), cfg)
             rec["reference"] = ref
             records.append(rec)
@@ -1025,8 +1071,9 @@ def generate_data(cfg: GenConfig) -> dict:
         rows, st = label_comparisons(drafts, seed, split, temp)
         out[f"comparisons_{split}"] = rows
         stats[f"comparisons_{split}"] = st
-    pre = [make_post(seed, "pretrain", i, seen) for i in range(cfg.n_pretrain_posts)]
-    out["pretrain_texts"] = [format_pretrain_text(r["subreddit"], r["title"], r["post"]) for r in pre]
+    pre = [make_post(seed, "pretrain", i, seen, cfg.post_words) for i in range(cfg.n_pretrain_posts)]
+    out["pretrain_texts"] = [format_pretrain_text(r["subreddit"], r["title"], r["post"] + edit_note(r, _rng(seed, "edit", i), cfg))
+                             for i, r in enumerate(pre)]
     out["records"] = records
     out["stats"] = stats
     return out
@@ -1057,7 +1104,10 @@ def summary_stats(data: dict, cfg: GenConfig) -> dict:
         n_irrelevant += d["irrelevant"] > 0
     nv = max(1, len(data["sft_validation"] or data["sft_train"]))
     n = max(1, len(data["sft_train"]))
+    outcomes = [fact_outcomes(recs[r["id"]], r["summary"]) for r in data["sft_train"]]
     return dict(
+        reference_fact_rates={k: {o: sum(x[k] == o for x in outcomes) / n for o in ("right", "wrong", "missing")}
+                              for k in SALIENT},
         mean_reference_score=sum(ref_scores) / n, max_score=sum(getattr(JudgeWeights(), k) for k in SALIENT),
         reference_missing_fact_rate=n_missing / n, reference_irrelevant_rate=n_irrelevant / n,
         policy_mean_score={k: sum(v) / len(v) for k, v in sorted(pol_scores.items())},
@@ -1225,6 +1275,8 @@ class Args:
     n_cmp_train: int = 6000
     n_cmp_val: int = 1000
     n_pretrain_posts: int = 16000
+    p_pretrain_edit: float = GenConfig.p_pretrain_edit
+    """share of pretraining posts that end with an "EDIT:" restating some of their facts (`edit_note`)"""
     vocab_size: int = 3000
     pretrain_steps: int = 0
     """pretraining steps for every size (0 = the size's default)"""
@@ -1266,7 +1318,7 @@ def build(args: Args, log=print) -> dict:
     os.makedirs(out, exist_ok=True)
     cfg = GenConfig(seed=args.seed, n_sft_train=args.n_sft_train, n_sft_val=args.n_sft_val, n_sft_test=args.n_sft_test,
                     n_cmp_train=args.n_cmp_train, n_cmp_val=args.n_cmp_val, n_pretrain_posts=args.n_pretrain_posts,
-                    target_agreement=args.target_agreement)
+                    target_agreement=args.target_agreement, p_pretrain_edit=args.p_pretrain_edit)
     data_stamp = _stamp(dataclasses.asdict(cfg))
     task_path = os.path.join(out, "task.json")
     task = _read_json(task_path) or {}
