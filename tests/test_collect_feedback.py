@@ -32,7 +32,7 @@ def setup(tmp_path_factory):
 def _args(setup, out, **kw):
     task, policy, _ = setup
     return cf.Args(**{**dict(task_dir=task, policy_path=policy, output_dir=str(out), num_train_posts=12,
-                             num_validation_posts=5, batch_size=5, response_length=12, num_threads=1), **kw})
+                             num_validation_posts=5, batch_size=5, response_length=12, num_threads=1, pairs_per_post=1), **kw})
 
 
 def test_pairs_of_policy_samples_in_the_raw_schema(setup, tmp_path):
@@ -51,6 +51,16 @@ def test_pairs_of_policy_samples_in_the_raw_schema(setup, tmp_path):
     rates = summary["train"]["sample_fact_rates"]
     assert set(rates) == set(et.SALIENT) and all(abs(sum(v.values()) - 1) < 1e-9 for v in rates.values())
     assert json.load(open(tmp_path / "fb" / "feedback.json"))["rater_temperature"] > 0
+
+
+def test_several_disjoint_pairs_per_post(setup, tmp_path):
+    summary = cf.main(_args(setup, tmp_path / "fb", pairs_per_post=3))
+    rows = et.read_jsonl(tmp_path / "fb" / "comparisons_train.jsonl")
+    assert len(rows) + summary["train"]["identical_pairs_skipped"] == 3 * 12
+    by_post = {}
+    for r in rows:
+        by_post.setdefault(r["info"]["id"], []).extend(s["text"] for s in r["summaries"])
+    assert len(by_post) == 12 and max(len(v) for v in by_post.values()) == 6  # six samples, three pairs a post
 
 
 def test_same_seed_same_comparisons(setup, tmp_path):
