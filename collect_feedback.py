@@ -3,14 +3,14 @@
 OpenAI's TL;DR comparisons (the reward model's data in the paper) were collected on samples of OpenAI's own
 policies: raters compared pairs of summaries that those models wrote. The embedded task's generated comparisons
 come from hand-written "policies" instead, whose mistakes are not the mistakes our tiny SFT model makes (when it
-samples a feeling or a question it is often the wrong one; a hand-written policy's wrong fact looks different). A reward model
-trained on them did not rank the SFT model's own summaries (correlation with the gold score about 0 on SFT
+samples a feeling or a question it is often the wrong one; a hand-written policy's wrong fact looks different).
+A reward model trained on them did not rank the SFT model's own summaries (correlation with the gold score about 0 on SFT
 samples, version 3 of the task), so PPO against it could not beat SFT.
 
 This script plays the rater round that the real data already went through: for posts of the task's comparison
 splits it samples pairs of summaries from the policy (3 disjoint pairs per post, at PPO's rollout temperature)
-and lets the task's Bradley-Terry rater (the hidden gold judge plus
-calibrated noise, the same rater that labelled the generated comparisons) choose one. It writes
+and lets the task's Bradley-Terry rater (the hidden gold judge plus calibrated noise, the same rater that labelled
+the generated comparisons) choose one. It writes
 `comparisons_{train,validation}.jsonl` in OpenAI's raw schema, which `tldr_dataset.py --comparisons_dir` turns into
 the preference set that `reward.py` reads.
 

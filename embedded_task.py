@@ -364,9 +364,10 @@ def _ag(age: int, g: str, rng: random.Random) -> str:
     return rng.choice([f"{age}{g}", f"{age}{g}", f"{age}{g.lower()}", f"{age} {g}"])
 
 
-def realise_post(rec: dict, rng: random.Random, post_words: Tuple[int, int] = (45, 90)) -> Tuple[str, str, str]:
+def realise_post(rec: dict, rng: random.Random, post_words: Tuple[int, int] = GenConfig.post_words) -> Tuple[str, str, str]:
     """Surface realisation of a record: (subreddit, title, post). Paragraphs are separated by newlines. Records the
-    post's own words for the duration and the feeling in `rec` (`duration_form`, `feeling_form`)."""
+    post's own words for the duration, the feeling and the question in `rec` (`duration_form`, `feeling_form`,
+    `question_form`)."""
     g = rec["other_gender"]
     p = _pron(g)
     other = OTHERS[rec["other"]]["post"]

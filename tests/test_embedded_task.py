@@ -321,7 +321,7 @@ def test_sample_metrics_is_the_stages_gold_seam(judge, data):
 def test_references_copy_the_posts_words_for_hard_facts(data):
     """The narrator, the duration and the feeling are stated in the post's own words: facts a small model can copy."""
     recs = {r["id"]: r for r in data["records"]}
-    n = {"duration": 0, "feeling": 0, "narrator": 0}
+    n = {"duration": 0, "feeling": 0, "narrator": 0, "question": 0}
     for row in data["sft_train"]:
         rec, summ = recs[row["id"]], row["summary"].lower()
         post = rec["post"].lower()
@@ -331,8 +331,9 @@ def test_references_copy_the_posts_words_for_hard_facts(data):
             n["feeling"] += rec["feeling_form"] in post
         me = f"{rec['narrator_age']}{rec['narrator_gender']}".lower()
         n["narrator"] += me in summ and me in post
+        n["question"] += et._question_phrase(rec["question_form"]).lower() in summ
     out = [et.fact_outcomes(recs[r["id"]], r["summary"]) for r in data["sft_train"]]
-    for k, slot in (("duration", "duration"), ("feeling", "feeling"), ("narrator", "narrator")):
+    for k, slot in (("duration", "duration"), ("feeling", "feeling"), ("narrator", "narrator"), ("question", "question")):
         stated = sum(o[slot] == "right" for o in out)
         assert stated > 0 and n[k] == stated, (k, n[k], stated)
 
