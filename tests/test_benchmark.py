@@ -186,11 +186,24 @@ def test_embedded_plan_chains_paths_and_seeds(tmp_path):
         assert f[f"ppo_{size}_{seed}"]["reward_model_path"] == f[f"rm_{size}_{seed}"]["output_dir"]
         ppo = f[f"ppo_{size}_{seed}"]
         assert ppo["num_threads"] == "1"
-        # ppo.py's batch arithmetic: the rollout forward batch divides the batch, micro-batches divide it too
-        assert int(ppo["total_batch_size"]) % int(ppo["local_rollout_forward_batch_size"]) == 0
-        assert int(ppo["total_batch_size"]) % int(ppo["per_device_train_batch_size"]) == 0
-        assert int(ppo["total_episodes"]) % int(ppo["total_batch_size"]) == 0
+        # no shrink unless asked for: every stage trains with its embedded preset, as in the quickstart
+        assert "total_episodes" not in ppo and "num_train_pairs" not in f[f"rm_{size}_{seed}"]
+        assert "num_train_pairs" not in f[f"dpo_{size}_{seed}"]
         assert f[f"judge_ppo_{size}_{seed}"]["judge"] == "gold"
+
+
+def test_embedded_plan_feedback_and_shrink_flags(tmp_path):
+    """With the feedback stage the RM, PPO and DPO read the preference set built from the SFT model's own samples;
+    a shrink flag reaches its stage only when set."""
+    args = sweep.Args(mode="embedded", sizes="s", seeds="1", stages="sft,feedback,rm,ppo,judge,dpo",
+                      out_dir=str(tmp_path / "e"), ppo_total_episodes=640, rm_train_pairs=300, feedback_posts=100)
+    _, chains = sweep.plan(args)
+    f = {name: flags(argv) for name, argv in chains[0]}
+    fdata = f["fdata_s_1"]["output_dir"]
+    assert f["feedback_s_1"]["policy_path"] == f["sft_s_1"]["output_dir"] and f["feedback_s_1"]["num_train_posts"] == "100"
+    assert f["rm_s_1"]["dataset_path"] == f["ppo_s_1"]["dataset_path"] == f["dpo_s_1"]["dataset_path"] == fdata
+    assert f["sft_s_1"]["dataset_path"] != fdata
+    assert f["ppo_s_1"]["total_episodes"] == "640" and f["rm_s_1"]["num_train_pairs"] == "300"
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -241,7 +254,8 @@ def test_report_on_fake_sweep(tmp_path):
     table_path = tmp_path / "docs" / "table.md"
     table_path.parent.mkdir()
     table_path.write_text("# Results\n\nintro\n\n<!-- table:start (benchmark/report.py) -->\nSTALE-TABLE\n<!-- table:end -->\n\nanalysis\n")
-    args = report.Args(sweep_dir=str(sweep_dir), out_dir=str(tmp_path / "fig"), table=str(table_path), prefix="t_")
+    args = report.Args(sweep_dir=str(sweep_dir), out_dir=str(tmp_path / "fig"), table=str(table_path), prefix="t_",
+                       json_out=str(tmp_path / "docs" / "sweep.json"))  # never the repository's docs/embedded_sweep.json
     report.main(args)
     for name in ("rm_accuracy", "win_rate_vs_size", "win_rate_by_length", "ppo_curves", "gold_score_by_length"):
         p = tmp_path / "fig" / f"t_{name}.png"
