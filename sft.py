@@ -218,7 +218,10 @@ def sequence_losses(model, ids: torch.Tensor, pad_id: int, query_lens: Optional[
     labels = sft_labels(ids, pad_id, query_lens)[:, 1:]
     # fp32 logits: the log-softmax runs in fp32 also under bf16 autocast (CPU autocast would keep it in bf16)
     logits = forward(model, ids, pad_id).logits[:, :-1].float()
-    token_losses = nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    # flattened to (tokens, vocab): the log-softmax then runs over a contiguous last dimension, ~3x faster on CPU than
+    # over the class dimension of the (batch, vocab, length) layout, with the same values
+    token_losses = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
+                                               reduction="none").view_as(labels)
     return token_losses.sum(1) / (labels != -100).sum(1).clamp(min=1)
 
 
@@ -287,6 +290,7 @@ def generate(model, queries: torch.Tensor, tokenizer, response_length: int, temp
     config = GenerationConfig(
         max_new_tokens=response_length, temperature=temperature, top_k=0, top_p=1.0, do_sample=True,
         eos_token_id=None, pad_token_id=tokenizer.pad_token_id,
+        cache_implementation="static",  # speed: a preallocated KV cache, the same logits as the dynamic one
     )
     queries = trim_left_padding(queries, tokenizer.pad_token_id)
     mask = queries != tokenizer.pad_token_id
