@@ -93,7 +93,8 @@ def main(args: Args):
         "judge": [py, "eval_gpt_judge.py", "--judge", "gold", "--gold_task_dir", task,
                   "--samples", os.path.join(ppo, "eval_samples.jsonl"),
                   "--compare_samples", os.path.join(sft, "eval_samples.jsonl"), "--output_dir", os.path.join(o, "judge")],
-        "dpo": [py, "dpo.py", "--preset", "embedded", "--sft_model_path", sft, "--dataset_path", data,
+        # DPO learns from the same rater comparisons as the reward model (the SFT policy's own samples)
+        "dpo": [py, "dpo.py", "--preset", "embedded", "--sft_model_path", sft, "--dataset_path", fdata,
                 "--output_dir", dpo, "--gold_task_dir", task, *common],
     }
     env = dict(os.environ)

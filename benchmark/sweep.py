@@ -97,32 +97,26 @@ class Args:
     slurm_extra: str = ""
     """extra lines for the sbatch header, separated by ';' (e.g. '#SBATCH --account=abc')"""
 
-    # embedded mode (tiny CPU budget: every shrink is a flag here and recorded in {out_dir}/sweep_args.json)
+    # embedded mode: every stage runs its `embedded` preset, exactly as in quickstart.py; a shrink flag below is
+    # passed only when set (recorded in {out_dir}/sweep_args.json)
     task_dir: str = ""
     """embedded task folder (default {out_dir}/task); built with embedded_task.py when missing"""
     task_seed: int = 1
     """seed of the embedded task's data (fixed across the sweep: the seeds vary training, not the data)"""
-    max_rows: Optional[int] = 1536
-    """tldr_dataset.py --max_rows for the embedded data set (SFT train rows and preference train pairs)"""
-    rm_train_pairs: Optional[int] = 512
-    rm_val_pairs: Optional[int] = 500
-    rm_norm_samples: int = 128
-    rm_gold_samples: int = 32
-    ppo_total_episodes: int = 256
-    ppo_batch_size: int = 32
-    """embedded PPO episodes per update (updates = total / batch)"""
-    ppo_epochs: int = 2
-    """embedded PPO epochs per batch (Detail 29's 4 at paper scale; fewer here to fit the CPU budget)"""
-    ppo_lr: float = 1e-4
-    """embedded PPO learning rate (few updates on CPU: larger than the preset's 3e-5)"""
+    max_rows: Optional[int] = None
+    """tldr_dataset.py --max_rows for the embedded data sets (None: every row, as the quickstart)"""
+    rm_train_pairs: Optional[int] = None
+    rm_val_pairs: Optional[int] = None
+    ppo_total_episodes: Optional[int] = None
+    """embedded PPO episodes (None: the preset's)"""
     order: Literal["seed", "size"] = "seed"
     """chain order: seed-major (complete seeds first) or size-major (largest size's seeds first)"""
     claim: bool = False
     """claim each chain with a file in {out_dir}/claims before running it, so that several sweep processes
     started on the same folder share the chains without running one twice"""
-    dpo_train_pairs: Optional[int] = 512
-    feedback_posts: int = 1024
-    """embedded feedback stage: posts (one pair of SFT samples each) for the RM's training comparisons"""
+    dpo_train_pairs: Optional[int] = None
+    feedback_posts: Optional[int] = None
+    """embedded feedback stage: posts whose SFT samples the raters compare (None: collect_feedback.py's default)"""
     threads: int = 1
     """OMP_NUM_THREADS / torch threads of every embedded process"""
 
@@ -211,26 +205,19 @@ def embedded_commands(args: Args, size: str, seed: int, stages: List[str]) -> Li
                      "--no-eval-base"]))
     if "feedback" in stages:
         cmds.append((run_name("feedback", size, seed), [py, "collect_feedback.py", "--task_dir", task, "--policy_path",
-                     d["sft"], "--output_dir", d["feedback"], "--num_train_posts", str(args.feedback_posts),
+                     d["sft"], "--output_dir", d["feedback"], *opt("--num_train_posts", args.feedback_posts),
                      "--seed", str(seed), "--num_threads", str(args.threads)]))
         cmds.append((run_name("fdata", size, seed), [py, "tldr_dataset.py", "--source", "embedded", "--task_dir", task,
-                     "--comparisons_dir", d["feedback"], "--output_dir", d["fdata"]]
-                     + ([] if args.max_rows is None else ["--max_rows", str(args.max_rows)])))
+                     "--comparisons_dir", d["feedback"], "--output_dir", d["fdata"], *opt("--max_rows", args.max_rows)]))
     if "rm" in stages:
         cmds.append((run_name("rm", size, seed), [py, "reward.py", "--preset", "embedded", "--base_model",
                      os.path.join(task, f"base-{size}"), "--sft_model_path", d["sft"], "--output_dir", d["rm"], *rl_common,
-                     *opt("--num_train_pairs", args.rm_train_pairs), *opt("--num_val_pairs", args.rm_val_pairs),
-                     "--norm_num_samples", str(args.rm_norm_samples), "--norm_recompute_samples", "64",
-                     "--num_gold_samples", str(args.rm_gold_samples)]))
+                     *opt("--num_train_pairs", args.rm_train_pairs), *opt("--num_val_pairs", args.rm_val_pairs)]))
     if "ppo" in stages:
         cmds.append((run_name("ppo", size, seed), [py, "ppo.py", "--preset", "embedded", "--sft_model_path", d["sft"],
                      "--reward_model_path", d["rm"], "--output_dir", d["ppo"], *rl_common,
-                     "--total_episodes", str(args.ppo_total_episodes), "--total_batch_size", str(args.ppo_batch_size),
-                     "--num_ppo_epochs", str(args.ppo_epochs), "--num_mini_batches", "1",
-                     "--per_device_train_batch_size", "16", "--lr", str(args.ppo_lr),
-                     "--local_rollout_forward_batch_size", str(min(64, args.ppo_batch_size)),
-                     "--eval_every", "0", "--no-eval-at-start",
-                     "--save_every", "0", "--no-save-model", "--num_threads", str(args.threads)]))
+                     *opt("--total_episodes", args.ppo_total_episodes), "--save_every", "0", "--no-save-model",
+                     "--num_threads", str(args.threads)]))
     judge = lambda cand, out: [py, "eval_gpt_judge.py", "--preset", "embedded", "--judge", "gold",  # noqa: E731
                                "--gold_task_dir", task, "--samples", os.path.join(cand, "eval_samples.jsonl"),
                                "--compare_samples", os.path.join(d["sft"], "eval_samples.jsonl"),
@@ -239,7 +226,7 @@ def embedded_commands(args: Args, size: str, seed: int, stages: List[str]) -> Li
         cmds.append((run_name("judge_ppo", size, seed), judge(d["ppo"], d["judge_ppo"])))
     if "dpo" in stages:
         cmds.append((run_name("dpo", size, seed), [py, "dpo.py", "--preset", "embedded", "--sft_model_path", d["sft"],
-                     "--output_dir", d["dpo"], *common, *opt("--num_train_pairs", args.dpo_train_pairs),
+                     "--output_dir", d["dpo"], *rl_common, *opt("--num_train_pairs", args.dpo_train_pairs),
                      "--no-eval-reference"]))
         if "judge" in stages:
             cmds.append((run_name("judge_dpo", size, seed), judge(d["dpo"], d["judge_dpo"])))
