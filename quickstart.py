@@ -29,7 +29,7 @@ class Args:
     out_dir: str = "runs/quickstart"
     seed: int = 1
     size: str = "s"
-    """embedded base model size: s (the whole pipeline in about 15 minutes on 2 CPU cores), m (about 32), l (longer)"""
+    """embedded base model size: s (the whole pipeline in about 15 minutes on 2 CPU cores), m (about 31), l (longer)"""
     num_threads: int = 0
     """torch threads for every stage (0: the library default; 1 on a machine busy with other jobs)"""
     stages: str = "task,data,sft,feedback,rm,ppo,judge"
