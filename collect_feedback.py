@@ -16,16 +16,23 @@ the preference set that `reward.py` reads.
 
     python collect_feedback.py --task_dir runs/quickstart/task --policy_path runs/quickstart/sft \
         --output_dir runs/quickstart/feedback
+    accelerate launch --multi_gpu --num_processes 2 collect_feedback.py ...   # posts split over 2 processes
+
+Under `accelerate launch` each process samples every N-th batch of posts (its own sampling seed, Detail 10) and the
+main process labels and writes them all, in post order.
 """
 
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Dict, List
 
 import torch
 import tyro
+from accelerate import Accelerator
+from accelerate.utils import gather_object
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -108,21 +115,28 @@ def sample_pairs(model, tokenizer, queries: List[str], args: Args) -> List[List[
 
 
 def collect(args: Args, split: str, n_posts: int, model, tokenizer, records: Dict[str, dict], temperature: float,
-            progress: Progress) -> tuple:
+            progress: Progress, accelerator: Accelerator) -> tuple:
     rows = et.read_jsonl(os.path.join(args.task_dir, "raw", f"comparisons_{split}.jsonl"))
     posts = unique_posts(rows, n_posts)
-    drafts, identical = [], 0
+    mine = []  # (batch start, [(post id, a, b), ...]) of this process's batches: every num_processes-th one
+    step = args.batch_size * accelerator.num_processes
     task = progress.add_task(f"sampling ({split})", total=len(posts))
-    for i in range(0, len(posts), args.batch_size):
+    for i in range(accelerator.process_index * args.batch_size, len(posts), step):
         chunk = posts[i:i + args.batch_size]
         queries = [et.format_query(p["subreddit"], p["title"], p["post"]) for p in chunk]  # Detail 1
-        for p, pairs in zip(chunk, sample_pairs(model, tokenizer, queries, args)):
-            for a, b in pairs:
-                if a == b:  # nothing to compare (counted, like the data set's identical pairs)
-                    identical += 1
-                    continue
-                drafts.append(dict(rec=records[p["id"]], pa="sft_sample", pb="sft_sample", sa=a, sb=b, k=len(drafts)))
-        progress.advance(task, len(chunk))
+        pairs = sample_pairs(model, tokenizer, queries, args)
+        mine.append((i, [(p["id"], a, b) for p, ps in zip(chunk, pairs) for a, b in ps]))
+        progress.update(task, completed=min(len(posts), i + step))  # the main process shows every rank's round
+    batches = sorted(gather_object(mine)) if accelerator.num_processes > 1 else mine  # post order, whatever the ranks
+    if not accelerator.is_main_process:
+        return None, None
+    drafts, identical = [], 0
+    for _, triples in batches:
+        for pid, a, b in triples:
+            if a == b:  # nothing to compare (counted, like the data set's identical pairs)
+                identical += 1
+                continue
+            drafts.append(dict(rec=records[pid], pa="sft_sample", pb="sft_sample", sa=a, sb=b, k=len(drafts)))
     # the task's own rater: Bradley-Terry draw on the gold scores at the calibrated temperature, noisy workers
     labelled, stats = et.label_comparisons(drafts, args.seed, f"feedback_{split}", temperature)
     for row in labelled:
@@ -138,7 +152,8 @@ def main(args: Args) -> dict:
     t0 = time.time()
     if args.num_threads > 0:
         torch.set_num_threads(args.num_threads)
-    torch.manual_seed(args.seed)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())  # one process, or DDP-launched ranks over gloo
+    torch.manual_seed(args.seed + accelerator.process_index * 100003)  # Detail 10: each process samples differently
     task_json = os.path.join(args.task_dir, "task.json")
     if not os.path.exists(task_json):
         raise FileNotFoundError(f"{task_json} not found: build the task first (python embedded_task.py --out_dir {args.task_dir})")
@@ -146,15 +161,20 @@ def main(args: Args) -> dict:
     records = {r["id"]: r for r in et.read_jsonl(os.path.join(args.task_dir, "gold", "records.jsonl"))}
     tokenizer = AutoTokenizer.from_pretrained(args.policy_path)
     tokenizer.add_special_tokens({"pad_token": "[PAD]"})  # Detail 3: every stage's [PAD] (the SFT policy's has it)
-    model = AutoModelForCausalLM.from_pretrained(args.policy_path).eval()
+    model = AutoModelForCausalLM.from_pretrained(args.policy_path).to(accelerator.device).eval()
     os.makedirs(args.output_dir, exist_ok=True)
-    summary: Dict[str, object] = dict(args=asdict(args), rater_temperature=temperature)
+    summary: Dict[str, object] = dict(args=asdict(args), rater_temperature=temperature,
+                                      num_processes=accelerator.num_processes)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console) as progress:
+                  console=console, disable=not accelerator.is_main_process) as progress:
         for split, n in (("train", args.num_train_posts), ("validation", args.num_validation_posts)):
-            rows, stats = collect(args, split, n, model, tokenizer, records, temperature, progress)
-            et.write_jsonl(os.path.join(args.output_dir, f"comparisons_{split}.jsonl"), rows)
-            summary[split] = stats
+            rows, stats = collect(args, split, n, model, tokenizer, records, temperature, progress, accelerator)
+            if accelerator.is_main_process:
+                et.write_jsonl(os.path.join(args.output_dir, f"comparisons_{split}.jsonl"), rows)
+                summary[split] = stats
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return summary
     summary["seconds"] = time.time() - t0
     with open(os.path.join(args.output_dir, "feedback.json"), "w") as f:
         json.dump(summary, f, indent=2)
@@ -167,3 +187,9 @@ def main(args: Args) -> dict:
 
 if __name__ == "__main__":
     main(tyro.cli(Args))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # a launched rank ends here, skipping interpreter finalization: a gloo worker thread still alive then
+        # aborts the rank ("terminate called without an active exception")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

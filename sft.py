@@ -478,7 +478,8 @@ def main(args: Args) -> dict:
         set_seed(args.seed + accelerator.process_index * 100003)  # Detail 10: sampling differs per process
         base_metrics, _ = sample_and_judge(model, data[args.split], tokenizer, args, accelerator, judge, tag="base")
         metrics.update(base_metrics)
-        console.print(f"base model: gold win rate {base_metrics['base_gold_win_rate']:.3f}")
+        if accelerator.is_main_process:
+            console.print(f"base model: gold win rate {base_metrics['base_gold_win_rate']:.3f}")
 
     cols = ["query_reference_response_token", "query_reference_response_token_len", "query_token"]
     train = data["train"].with_format("torch", columns=cols)

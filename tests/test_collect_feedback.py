@@ -1,5 +1,6 @@
 """collect_feedback.py: rater comparisons of the policy's own samples on the embedded task."""
 
+import itertools
 import json
 import os
 import subprocess
@@ -90,3 +91,32 @@ def test_dataset_builder_reads_the_feedback_comparisons(setup, tmp_path):
     pref = load_from_disk(str(out / "preference"))
     n_train = len(et.read_jsonl(tmp_path / "fb" / "comparisons_train.jsonl"))
     assert len(pref["train"]) == n_train and set(pref["train"]["policies"]) == {"sft_sample vs sft_sample"}
+
+
+def test_two_processes_cover_every_post_once_in_post_order(setup, tmp_path):
+    """Under `accelerate launch --num_processes 2` (CPU, gloo) the ranks sample alternate batches of posts and the
+    main process writes them all, in the posts' order, as one process would."""
+    one = cf.main(_args(setup, tmp_path / "one", pairs_per_post=2))
+    task, policy, _ = setup
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(29700 + os.getpid() % 200),
+           os.path.join(ROOT, "collect_feedback.py"), "--task_dir", task, "--policy_path", policy, "--output_dir",
+           str(tmp_path / "two"), "--num_train_posts", "12", "--num_validation_posts", "5", "--batch_size", "5",
+           "--response_length", "12", "--num_threads", "1", "--pairs_per_post", "2"]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    two = json.load(open(tmp_path / "two" / "feedback.json"))
+    assert two["num_processes"] == 2 and one["num_processes"] == 1
+    for split, n_posts in (("train", 12), ("validation", 5)):
+        raw = et.read_jsonl(os.path.join(task, "raw", f"comparisons_{split}.jsonl"))
+        expected = [p["id"] for p in cf.unique_posts(raw, n_posts)]
+        for d, summary in (("one", one), ("two", two)):
+            ids = [r["info"]["id"] for r in et.read_jsonl(tmp_path / d / f"comparisons_{split}.jsonl")]
+            assert len(ids) + summary[split]["identical_pairs_skipped"] == 2 * n_posts
+            # the posts' order, each post's pairs together (identical pairs are skipped)
+            assert list(dict.fromkeys(ids)) == [x for x in expected if x in set(ids)] and len(set(ids)) >= n_posts - 1
+            assert [k for k, _ in itertools.groupby(ids)] == list(dict.fromkeys(ids))
+    # rank 1 samples with its own seed (Detail 10): its posts' summaries differ from the one-process run's
+    texts = lambda d: [s["text"] for r in et.read_jsonl(tmp_path / d / "comparisons_train.jsonl") for s in r["summaries"]]  # noqa: E731
+    assert texts("one") != texts("two")

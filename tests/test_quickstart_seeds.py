@@ -79,3 +79,25 @@ def test_quickstart_prints_stage_times_and_summary_path_last(tmp_path):
     assert "Wall time per stage" in p.stdout and "170" in p.stdout  # 100 + 20 + 50.5
     summary = json.loads((out / "summary.json").read_text())
     assert summary["wall_seconds"] == 170.5 and "cores" in summary["machine"]
+
+
+def test_quickstart_splits_each_presets_micro_batch_over_its_processes():
+    """--num_processes N launches the sampling and training stages with accelerate (gloo on CPU) and divides each
+    embedded preset's micro-batch by N, so that the global micro-batch and the accumulation steps stay the preset's."""
+    sys.path.insert(0, ROOT)
+    import quickstart
+
+    import ppo
+    import reward
+
+    flags = quickstart.split_micro_batches(2)
+    assert flags["rm"] == ["--per_device_train_batch_size", str(reward.PRESETS["embedded"].per_device_train_batch_size // 2)]
+    pp = ppo.PRESETS["embedded"]
+    assert flags["ppo"] == ["--per_device_train_batch_size", str(pp.per_device_train_batch_size // 2),
+                            "--local_rollout_forward_batch_size", str(pp.local_rollout_forward_batch_size // 2)]
+    assert set(flags) == {"sft", "rm", "ppo", "dpo"}
+    with pytest.raises(SystemExit, match=r"--num_processes 3 does not divide sft.py's embedded per_device_train_batch_size"):
+        quickstart.split_micro_batches(3)
+    assert quickstart.launcher(1) == [sys.executable]
+    launch = quickstart.launcher(2)
+    assert launch[1:3] == ["-m", "accelerate.commands.launch"] and launch[launch.index("--num_processes") + 1] == "2"
