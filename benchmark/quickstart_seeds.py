@@ -1,6 +1,6 @@
 """The quickstart over several seeds: runs `quickstart.py` once per seed (skipping seeds already done), then writes
-mean ± std over seeds and each seed's paired PPO-minus-SFT confidence interval to a JSON file, and the README's
-results table from that file.
+mean ± std over seeds, each seed's paired PPO-minus-SFT confidence interval and PPO's win rate minus SFT's per
+summary-length bin (Detail 34, pooled over seeds) to a JSON file, and the README's results table from that file.
 
     python benchmark/quickstart_seeds.py --seeds 1,2,3          # ~15 min a seed on 2 idle CPU cores
     python benchmark/quickstart_seeds.py --no-run               # only re-read finished runs and rewrite the outputs
@@ -19,6 +19,9 @@ from typing import Dict, List, Optional
 
 import numpy as np
 import tyro
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from report import run_bin_counts  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -86,6 +89,25 @@ def summarise(per_seed: Dict[int, dict], machine: str) -> dict:
     return out
 
 
+def length_bins(judge_metrics: List[dict], num_bins: int = 5) -> dict:
+    """Detail 34 pooled over seeds: each policy's summaries binned by their own length (tokens) on common edges,
+    PPO's win rate against the references minus SFT's per bin (None where either policy has no summary)."""
+    ends = [m[k] for m in judge_metrics for k in m if k.startswith(("len_bin", "compare_len_bin")) and k.endswith(("_lo", "_hi"))]
+    if not ends:
+        return {"edges": [], "ppo_minus_sft": []}
+    edges = np.linspace(min(ends), max(ends), num_bins + 1)
+    rates = {}
+    for name, prefix in (("ppo", ""), ("sft", "compare_")):
+        wins, counts = np.zeros(num_bins), np.zeros(num_bins)
+        for m in judge_metrics:
+            w, n = run_bin_counts(m, prefix, edges)
+            wins, counts = wins + w, counts + n
+        rates[name] = [float(w / n) if n else None for w, n in zip(wins, counts)]
+        rates[f"{name}_n"] = [int(n) for n in counts]
+    diff = [p - q if p is not None and q is not None else None for p, q in zip(rates["ppo"], rates["sft"])]
+    return {"edges": [float(e) for e in edges], "ppo_minus_sft": diff, **rates}
+
+
 def fmt(x) -> str:
     if x is None:
         return "-"
@@ -130,6 +152,8 @@ def main(args: Args) -> dict:
     recorded = sorted({s["machine"] for s in per_seed.values() if s.get("machine")})
     machine = "; ".join(recorded) or f"{platform.node()} ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
     summary = summarise(per_seed, machine)
+    judged = [os.path.join(args.out_root, f"seed{seed}", "judge", "metrics.json") for seed in sorted(per_seed)]
+    summary["by_length_bin"] = length_bins([json.load(open(p)) for p in judged if os.path.exists(p)])
     summary["written"] = time.strftime("%Y-%m-%d")
     summary["size"] = args.size
     os.makedirs(os.path.dirname(args.json_out) or ".", exist_ok=True)

@@ -41,6 +41,29 @@ def test_summary_json_and_readme_block(tmp_path):
     assert "+0.020 to +0.120" in text and "602" in text
 
 
+def test_length_bins_pooled_over_seeds(tmp_path):
+    """Detail 34 over seeds: each seed's judge bins (PPO by its own lengths, SFT by its own) pooled on common edges."""
+    fake_runs(tmp_path / "runs", lows=(0.01, 0.02, 0.03))
+    for seed in (1, 2):
+        d = tmp_path / "runs" / f"seed{seed}" / "judge"
+        d.mkdir()
+        # PPO: 10 summaries of 10-20 tokens (win rate 0.5 and 0.3) and, in seed 2, 10 of 30-40 tokens (0.9);
+        # SFT (compare_): 10 of 10-20 tokens (0.2 and 0.4)
+        m = {"len_bin0_lo": 10, "len_bin0_hi": 20, "len_bin0_n": 10, "len_bin0_win_rate": 0.5 if seed == 1 else 0.3,
+             "compare_len_bin0_lo": 10, "compare_len_bin0_hi": 20, "compare_len_bin0_n": 10,
+             "compare_len_bin0_win_rate": 0.2 if seed == 1 else 0.4}
+        if seed == 2:
+            m.update(len_bin1_lo=30, len_bin1_hi=40, len_bin1_n=10, len_bin1_win_rate=0.9)
+        (d / "metrics.json").write_text(json.dumps(m))
+    out = qs.main(qs.Args(out_root=str(tmp_path / "runs"), run=False, json_out=str(tmp_path / "r.json"), readme=None))
+    b = out["by_length_bin"]
+    assert b["edges"] == pytest.approx([10, 16, 22, 28, 34, 40])
+    assert b["ppo"][0] == pytest.approx(0.4) and b["sft"][0] == pytest.approx(0.3) and b["ppo_n"][0] == 20
+    assert b["ppo_minus_sft"][0] == pytest.approx(0.1)
+    assert b["ppo"][4] == pytest.approx(0.9) and b["sft"][4] is None and b["ppo_minus_sft"][4] is None
+    assert b["ppo_minus_sft"][1] is None  # empty for both
+
+
 def test_a_seed_whose_ci_touches_zero_and_errors(tmp_path):
     fake_runs(tmp_path / "runs", lows=(0.01, -0.01, 0.03))
     out = qs.main(qs.Args(out_root=str(tmp_path / "runs"), run=False, json_out=str(tmp_path / "r.json"), readme=None))
