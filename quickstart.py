@@ -76,6 +76,15 @@ def split_micro_batches(num_processes: int) -> dict:
     return flags
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux), else the architecture: which machine a summary's times are from."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def run(stage: str, cmds: list, log_dir: str, env: dict) -> float:
     """Runs a stage's command(s) in order; output streams to the terminal and to the stage's log file."""
     console.rule(f"[bold]{stage}")
@@ -194,7 +203,7 @@ def main(args: Args):
     # the pipeline's wall time: every stage's seconds, also those of stages run by an earlier invocation
     summary["wall_seconds"] = round(sum(v for k, v in summary.items() if k.endswith("_seconds") and k[: -len("_seconds")] in STAGES), 1)
     summary["seed"], summary["size"], summary["num_processes"] = args.seed, args.size, args.num_processes
-    summary["machine"] = f"{platform.node()} ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+    summary["machine"] = f"{platform.node()} ({os.cpu_count()} cores, {cpu_model()})"
     with open(os.path.join(o, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
 

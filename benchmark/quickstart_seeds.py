@@ -90,8 +90,9 @@ def summarise(per_seed: Dict[int, dict], machine: str) -> dict:
 
 
 def length_bins(judge_metrics: List[dict], num_bins: int = 5) -> dict:
-    """Detail 34 pooled over seeds: each policy's summaries binned by their own length (tokens) on common edges,
-    PPO's win rate against the references minus SFT's per bin (None where either policy has no summary)."""
+    """Detail 34 pooled over seeds: each policy's summaries in the judge's bins of log(len(summary) / len(reference)),
+    re-pooled on common edges; PPO's win rate against the references minus SFT's per bin (None where either policy
+    has no summary)."""
     ends = [m[k] for m in judge_metrics for k in m if k.startswith(("len_bin", "compare_len_bin")) and k.endswith(("_lo", "_hi"))]
     if not ends:
         return {"edges": [], "ppo_minus_sft": []}
@@ -121,7 +122,8 @@ def table_markdown(summary: dict) -> str:
     for key, label in METRICS:
         mu, sd = summary["mean"][key], summary["std"][key]
         cells = [fmt(summary["per_seed"][s][key]) for s in seeds]
-        lines.append(f"| {label} | {fmt(mu)} ± {fmt(sd)} | " + " | ".join(cells) + " |")
+        sd_text = f"{sd:.0f}" if key == "wall_seconds" and sd is not None else fmt(sd)  # seconds: whole numbers
+        lines.append(f"| {label} | {fmt(mu)} ± {sd_text} | " + " | ".join(cells) + " |")
     cis = [summary["per_seed"][s]["ppo_minus_sft_ci"] for s in seeds]
     lines.append("| paired 95% CI, PPO minus SFT | | " + " | ".join(
         f"{lo:+.3f} to {hi:+.3f}" if lo is not None and hi is not None else "-" for lo, hi in cis) + " |")

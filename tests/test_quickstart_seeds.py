@@ -47,8 +47,8 @@ def test_length_bins_pooled_over_seeds(tmp_path):
     for seed in (1, 2):
         d = tmp_path / "runs" / f"seed{seed}" / "judge"
         d.mkdir()
-        # PPO: 10 summaries of 10-20 tokens (win rate 0.5 and 0.3) and, in seed 2, 10 of 30-40 tokens (0.9);
-        # SFT (compare_): 10 of 10-20 tokens (0.2 and 0.4)
+        # PPO: 10 summaries in a bin [10, 20] (win rate 0.5 and 0.3) and, in seed 2, 10 in [30, 40] (0.9);
+        # SFT (compare_): 10 in [10, 20] (0.2 and 0.4)
         m = {"len_bin0_lo": 10, "len_bin0_hi": 20, "len_bin0_n": 10, "len_bin0_win_rate": 0.5 if seed == 1 else 0.3,
              "compare_len_bin0_lo": 10, "compare_len_bin0_hi": 20, "compare_len_bin0_n": 10,
              "compare_len_bin0_win_rate": 0.2 if seed == 1 else 0.4}
