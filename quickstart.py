@@ -5,7 +5,8 @@
 embedded task (data + gold judge + tokenizer + tiny Pythia-architecture base model) -> data sets -> SFT
 -> reward model -> PPO -> judge. Each stage is the same script a GPU user runs (`--preset embedded`
 only changes sizes and paths). Results land in `runs/quickstart/`; the summary of every stage is
-`runs/quickstart/summary.json`, whose path is printed last.
+`runs/quickstart/summary.json`, whose path is printed last. The sampling and training stages start under
+`accelerate launch --num_processes 2` (gloo on CPU, one thread a process: `--num_processes`).
 """
 
 import json
