@@ -127,7 +127,7 @@ def collect(args: Args, split: str, n_posts: int, model, tokenizer, records: Dic
         pairs = sample_pairs(model, tokenizer, queries, args)
         mine.append((i, [(p["id"], a, b) for p, ps in zip(chunk, pairs) for a, b in ps]))
         progress.update(task, completed=min(len(posts), i + step))  # the main process shows every rank's round
-    batches = sorted(gather_object(mine)) if accelerator.num_processes > 1 else mine  # post order, whatever the ranks
+    batches = sorted(gather_object(mine), key=lambda b: b[0]) if accelerator.num_processes > 1 else mine  # post order
     if not accelerator.is_main_process:
         return None, None
     drafts, identical = [], 0

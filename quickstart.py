@@ -33,7 +33,8 @@ class Args:
     size: str = "s"
     """embedded base model size: s (the whole pipeline in about 15 minutes on 2 CPU cores), m (about 31), l (longer)"""
     num_threads: int = 0
-    """torch threads for every stage, split between a stage's processes (0: all cores; 1 on a busy machine)"""
+    """torch threads for every stage, split between a stage's processes (0: two, or one on a one-core machine, a fixed
+    number so that a seed gives the same result on the same machine; 1 on a busy machine)"""
     num_processes: int = 2
     """processes per sampling and training stage: `accelerate launch --multi_gpu --num_processes N` on CPU (gloo, the
     multi-GPU code path), threads split between them; 1 runs each stage as a plain `python X.py`. At size s two
@@ -127,7 +128,7 @@ def main(args: Args):
     if args.num_processes < 1:
         raise SystemExit(f"--num_processes must be at least 1 (got {args.num_processes})")
     py, go = sys.executable, launcher(args.num_processes)  # go: the stages that sample or train
-    threads = args.num_threads or os.cpu_count() or 1
+    threads = args.num_threads or min(2, os.cpu_count() or 1)
     per_process = max(1, threads // args.num_processes)
     common = ["--seed", str(args.seed)]
     commands = {
