@@ -1,6 +1,8 @@
 """Figures and a results table from a sweep's JSON outputs (no wandb needed).
 
     python benchmark/report.py --sweep_dir runs/sweep_embedded --out_dir docs/figures --table docs/embedded_sweep.md
+    python benchmark/report.py --quickstart_runs runs/qs/seed1,runs/qs/seed2,runs/qs_m/seed1   # quickstart.py folders
+    python benchmark/report.py --seed_files docs/quickstart_seeds.json,docs/quickstart_seeds_m.json  # JSON only
 
 Reads the run folders written by benchmark/sweep.py, named {stage}_{model}_{seed}:
   rm_*/metrics.json         val_accuracy, val_accuracy/confidence_{k}, gold_agreement
@@ -43,6 +45,12 @@ class Args:
     """common bins of log(len(candidate)/len(reference)) used to pool the judge's per-run length bins"""
     json_out: Optional[str] = "docs/embedded_sweep.json"
     """the sweep's numbers as JSON (None: not written)"""
+    quickstart_runs: Optional[str] = None
+    """comma-separated quickstart.py output folders to report instead of --sweep_dir (size and seed from each
+    summary.json; unlike sweep.py's runs, each seed there has its own task data and base model)"""
+    seed_files: Optional[str] = None
+    """comma-separated JSON files of benchmark/quickstart_seeds.py (one size each, seeds of a size may be split over
+    files): only --json_out is written from them (they keep no training curves for the figures)"""
 
 
 def read_json(path: str) -> Optional[dict]:
@@ -77,6 +85,26 @@ def finite(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def load_run(stage: str, path: str) -> Optional[dict]:
+    """One finished run folder of `stage` as {"metrics": dict[, "samples", "history"]}; None while unfinished."""
+    metrics = read_json(os.path.join(path, "metrics.json"))
+    if metrics is None:
+        return None
+    entry = {"metrics": dict(metrics)}
+    if stage in ("sft", "ppo", "dpo"):
+        # mean gold score of the eval samples (embedded task: the judge's continuous score), when recorded
+        rows = read_jsonl(os.path.join(path, "eval_samples.jsonl"))
+        entry["samples"] = [(r["response_token_len"], r["gold_score"]) for r in rows
+                            if finite(r.get("gold_score")) and finite(r.get("response_token_len"))]
+        for key, out in (("gold_score", "eval_gold_score"), ("gold_reference_score", "eval_gold_reference_score")):
+            xs = [r[key] for r in rows if finite(r.get(key))]
+            if xs:
+                entry["metrics"][out] = float(np.mean(xs))
+    if stage == "ppo":
+        entry["history"] = read_jsonl(os.path.join(path, "metrics.jsonl"))
+    return entry
+
+
 def collect(sweep_dir: str) -> Dict[str, Dict[str, Dict[int, dict]]]:
     """runs[stage][size][seed] = {"metrics": dict, "history": list (ppo only)}; unfinished runs are left out."""
     runs: Dict[str, Dict[str, Dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
@@ -84,26 +112,37 @@ def collect(sweep_dir: str) -> Dict[str, Dict[str, Dict[int, dict]]]:
         raise ValueError(f"--sweep_dir: {sweep_dir!r} is not a folder")
     for name in sorted(os.listdir(sweep_dir)):
         m = RUN_RE.match(name)
-        if not m:
-            continue
-        stage, size, seed = m.group(1), m.group(2), int(m.group(3))
-        metrics = read_json(os.path.join(sweep_dir, name, "metrics.json"))
-        if metrics is None:
-            continue
-        entry = {"metrics": dict(metrics)}
-        if stage in ("sft", "ppo", "dpo"):
-            # mean gold score of the eval samples (embedded task: the judge's continuous score), when recorded
-            rows = read_jsonl(os.path.join(sweep_dir, name, "eval_samples.jsonl"))
-            entry["samples"] = [(r["response_token_len"], r["gold_score"]) for r in rows
-                                if finite(r.get("gold_score")) and finite(r.get("response_token_len"))]
-            for key, out in (("gold_score", "eval_gold_score"), ("gold_reference_score", "eval_gold_reference_score")):
-                xs = [r[key] for r in rows if finite(r.get(key))]
-                if xs:
-                    entry["metrics"][out] = float(np.mean(xs))
-        if stage == "ppo":
-            entry["history"] = read_jsonl(os.path.join(sweep_dir, name, "metrics.jsonl"))
-        runs[stage][size][seed] = entry
+        entry = m and load_run(m.group(1), os.path.join(sweep_dir, name))
+        if entry:
+            runs[m.group(1)][m.group(2)][int(m.group(3))] = entry
     return runs
+
+
+# a quickstart.py output folder: the stage folders under their quickstart names
+QUICKSTART_STAGES = {"sft": "sft", "rm": "rm", "ppo": "ppo", "dpo": "dpo", "judge_ppo": "judge"}
+
+
+def collect_quickstart(dirs: List[str]):
+    """The same runs[stage][size][seed] from quickstart.py output folders (size and seed from each summary.json),
+    and their timing: the summed wall seconds and the machines named by the summaries."""
+    runs: Dict[str, Dict[str, Dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
+    wall, machines = 0.0, []
+    for d in dirs:
+        summary = read_json(os.path.join(d, "summary.json"))
+        if summary is None or "size" not in summary or "seed" not in summary:
+            raise ValueError(f"--quickstart_runs: {d!r} has no summary.json with size and seed (run quickstart.py there)")
+        size, seed = str(summary["size"]), int(summary["seed"])
+        if seed in runs["sft"].get(size, {}):
+            raise ValueError(f"--quickstart_runs: size {size} seed {seed} appears twice ({d!r})")
+        for stage, sub in QUICKSTART_STAGES.items():
+            entry = load_run(stage, os.path.join(d, sub))
+            if entry:
+                runs[stage][size][seed] = entry
+        wall += float(summary.get("wall_seconds") or 0.0)
+        if summary.get("machine") and summary["machine"] not in machines:
+            machines.append(summary["machine"])
+    return runs, {"wall_seconds": round(wall, 1), "machine": "; ".join(machines) or None,
+                  "source": "quickstart.py runs (each seed builds its own task data and base model)", "runs": list(dirs)}
 
 
 def values(runs, stage: str, size: str, key: str) -> List[float]:
@@ -408,7 +447,7 @@ def pooled_bin_rates(runs, stage: str, prefix: str, edges: np.ndarray):
     return wins, counts
 
 
-def sweep_summary(runs, sweep_dir: str, num_bins: int = 10) -> dict:
+def sweep_summary(runs, sweep_dir: str, num_bins: int = 10, timing: Optional[dict] = None) -> dict:
     """The sweep's headline numbers, per size (mean and std over seeds) and pooled over sizes and seeds."""
     sizes = sorted({s for st in runs.values() for s in st}, key=size_key)
 
@@ -442,14 +481,95 @@ def sweep_summary(runs, sweep_dir: str, num_bins: int = 10) -> dict:
         out["length_bin_edges"] = [float(e) for e in edges]
     out["ppo_minus_sft_by_length_bin"] = bins
     out["seeds"] = sorted({k for st in runs.values() for by in st.values() for k in by})
-    timing = read_json(os.path.join(sweep_dir, "sweep_timing.json")) or {}
+    timing = timing if timing is not None else (read_json(os.path.join(sweep_dir, "sweep_timing.json")) or {})
     out["wall_seconds"] = timing.get("wall_seconds")
     out["machine"] = timing.get("machine")
+    for key in ("source", "runs"):
+        if key in timing:
+            out[key] = timing[key]
+    return out
+
+
+def seed_files_summary(files: List[str], num_bins: int = 5) -> dict:
+    """sweep_summary's keys from benchmark/quickstart_seeds.py outputs: per size, mean and std over the seeds of all
+    files of that size; the files' length bins (Detail 34) re-pooled by count onto common edges."""
+    per_size: Dict[str, Dict[int, dict]] = defaultdict(dict)
+    judges, machines, wall, sources = [], [], 0.0, []
+    for f in files:
+        d = read_json(f)
+        if d is None or "size" not in d or not isinstance(d.get("per_seed"), dict):
+            raise ValueError(f"--seed_files: {f!r} is not a JSON file written by benchmark/quickstart_seeds.py")
+        for seed, row in d["per_seed"].items():
+            if int(seed) in per_size[d["size"]]:
+                raise ValueError(f"--seed_files: size {d['size']} seed {seed} appears twice ({f!r})")
+            per_size[d["size"]][int(seed)] = row
+            wall += float(row.get("wall_seconds") or 0.0)
+        if d.get("machine") and d["machine"] not in machines:
+            machines.append(d["machine"])
+        b = d.get("by_length_bin") or {}
+        if b.get("edges"):  # the file's pooled bins, written as one judge run's per-bin metrics
+            m = {}
+            for prefix, name in (("", "ppo"), ("compare_", "sft")):
+                for i, (lo, hi) in enumerate(zip(b["edges"][:-1], b["edges"][1:])):
+                    m.update({f"{prefix}len_bin{i}_lo": lo, f"{prefix}len_bin{i}_hi": hi,
+                              f"{prefix}len_bin{i}_n": b[f"{name}_n"][i], f"{prefix}len_bin{i}_win_rate": b[name][i]})
+            judges.append(m)
+        sources.append(f)
+
+    def stat(xs):
+        xs = [float(x) for x in xs if finite(x)]
+        return (float(np.mean(xs)), float(np.std(xs))) if xs else (None, None)
+
+    out = {"sizes": {}}
+    for size in sorted(per_size, key=size_key):
+        rows = [per_size[size][k] for k in sorted(per_size[size])]
+        entry = {}
+        for key, src in (("rm_val_accuracy", "rm_val_accuracy"), ("sft_win_rate", "sft_gold_win_rate"),
+                         ("ppo_win_rate", "ppo_gold_win_rate"), ("dpo_win_rate", "dpo_gold_win_rate"),
+                         ("final_kl", "ppo_final_kl"), ("sft_gold_score", "sft_gold_score"),
+                         ("ppo_gold_score", "ppo_gold_score")):
+            entry[f"{key}_mean"], entry[f"{key}_std"] = stat([r.get(src) for r in rows])
+        entry["ppo_vs_sft_ci_low"] = [(r.get("ppo_minus_sft_ci") or [None])[0] for r in rows]
+        entry["seeds"] = sorted(per_size[size])
+        out["sizes"][size] = entry
+    bins = []
+    ends = [m[k] for m in judges for k in m if k.endswith(("_lo", "_hi"))]
+    if ends:
+        edges = np.linspace(min(ends), max(ends), num_bins + 1)
+        rates = []
+        for prefix in ("", "compare_"):
+            w, n = np.zeros(num_bins), np.zeros(num_bins)
+            for m in judges:
+                dw, dn = run_bin_counts(m, prefix, edges)
+                w, n = w + dw, n + dn
+            rates.append((w, n))
+        (pw, pn), (sw, sn) = rates
+        bins = [float(pw[b] / pn[b] - sw[b] / sn[b]) if pn[b] and sn[b] else None for b in range(num_bins)]
+        out["length_bin_edges"] = [float(e) for e in edges]
+    out["ppo_minus_sft_by_length_bin"] = bins
+    out["seeds"] = sorted({k for by in per_size.values() for k in by})
+    out["wall_seconds"] = round(wall, 1)  # summed over the runs (each seed's whole quickstart pipeline)
+    out["machine"] = "; ".join(machines) or None
+    out["source"] = "benchmark/quickstart_seeds.py files (quickstart.py runs: each seed builds its own task data and base model)"
+    out["runs"] = sources
     return out
 
 
 def main(args: Args) -> None:
-    runs = collect(args.sweep_dir)
+    if args.seed_files:
+        summary = seed_files_summary([f for f in args.seed_files.split(",") if f.strip()])
+        print(json.dumps(summary["sizes"], indent=1))
+        if args.json_out:
+            os.makedirs(os.path.dirname(args.json_out) or ".", exist_ok=True)
+            with open(args.json_out, "w") as f:
+                json.dump(summary, f, indent=1)
+            print("wrote", args.json_out)
+        return
+    timing = None
+    if args.quickstart_runs:
+        runs, timing = collect_quickstart([d for d in args.quickstart_runs.split(",") if d.strip()])
+    else:
+        runs = collect(args.sweep_dir)
     written = make_figures(runs, args)
     table = table_markdown(runs)
     print(table)
@@ -461,7 +581,7 @@ def main(args: Args) -> None:
     if args.json_out:
         os.makedirs(os.path.dirname(args.json_out) or ".", exist_ok=True)
         with open(args.json_out, "w") as f:
-            json.dump(sweep_summary(runs, args.sweep_dir), f, indent=1)
+            json.dump(sweep_summary(runs, args.sweep_dir, timing=timing), f, indent=1)
         print("wrote", args.json_out)
 
 
@@ -472,6 +592,8 @@ def write_table(path: str, table: str, args: Args) -> None:
     """Write the table between the markers of `path`, keeping the hand-written text around them."""
     settings = read_json(os.path.join(args.sweep_dir, "sweep_args.json"))
     block = f"{START}\n{table}\n\nMean ± std over seeds ({args.title}).\n"
+    if args.quickstart_runs:
+        block += f"From quickstart.py runs (each seed with its own task data and base model): `{args.quickstart_runs}`\n"
     if settings:
         skip = {"sizes", "seeds", "stages", "out_dir", "dry_run", "jobs", "claim", "order", "slurm", "slurm_time", "slurm_partition",
                 "slurm_extra", "dataset_dir", "task_dir"}

@@ -363,3 +363,75 @@ def test_sweep_writes_timing_for_the_report(tmp_path, monkeypatch):
     assert timing["chains"] == 2 and timing["chains_complete"] == 2 and timing["wall_seconds"] >= 0
     assert "cores" in timing["machine"]
     assert report.sweep_summary({}, str(tmp_path / "t"))["wall_seconds"] == timing["wall_seconds"]
+
+
+def test_report_reads_quickstart_folders(tmp_path):
+    """--quickstart_runs: quickstart.py folders (stage folders sft/, rm/, ppo/, judge/ and a summary.json naming the
+    size and seed) give the same per-size numbers as sweep folders, the summed wall time and where they ran;
+    a folder without a summary, or a size and seed given twice, is an error naming the folder."""
+    sweep_dir = tmp_path / "sweep"
+    write_fake_sweep(sweep_dir, sizes=("s", "m"), seeds=(1, 2))
+    dirs = []
+    for size in ("s", "m"):
+        for seed in (1, 2):
+            d = tmp_path / "qs" / f"{size}{seed}"
+            d.mkdir(parents=True)
+            for stage, sub in report.QUICKSTART_STAGES.items():
+                if (sweep_dir / f"{stage}_{size}_{seed}").exists():
+                    (sweep_dir / f"{stage}_{size}_{seed}").rename(d / sub)
+            (d / "summary.json").write_text(json.dumps({"size": size, "seed": seed, "wall_seconds": 100.0 + seed,
+                                                        "machine": f"box{seed}"}))
+            dirs.append(str(d))
+    out = tmp_path / "sweep.json"
+    report.main(report.Args(quickstart_runs=",".join(dirs), out_dir=str(tmp_path / "fig"), table=None, prefix="t_",
+                            json_out=str(out)))
+    js = json.loads(out.read_text())
+    assert list(js["sizes"]) == ["s", "m"] and js["seeds"] == [1, 2]
+    m = js["sizes"]["m"]
+    assert m["rm_val_accuracy_mean"] == pytest.approx(0.665) and m["ppo_vs_sft_ci_low"] == pytest.approx([-0.01, 0.0])
+    assert m["ppo_win_rate_mean"] == pytest.approx(0.515) and m["final_kl_mean"] == pytest.approx(3.5)
+    assert js["wall_seconds"] == pytest.approx(2 * 101 + 2 * 102) and js["machine"] == "box1; box2"
+    assert js["runs"] == dirs and "quickstart" in js["source"]
+    assert js["ppo_minus_sft_by_length_bin"] == pytest.approx([0.1 + 0.01 * b for b in range(10)])
+    with pytest.raises(ValueError, match="appears twice"):
+        report.collect_quickstart(dirs + [dirs[0]])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty"):
+        report.collect_quickstart([str(tmp_path / "empty")])
+
+
+def test_report_json_from_seed_files(tmp_path):
+    """--seed_files: benchmark/quickstart_seeds.py outputs (seeds of one size split over two files) give the per-size
+    mean and std, one CI lower bound per seed, DPO where it ran, and the files' length bins pooled by count."""
+    def seed_file(name, size, seeds, bins=None):
+        per_seed = {str(k): {"sft_gold_win_rate": 0.2 + 0.1 * k, "ppo_gold_win_rate": 0.5 + 0.1 * k, "rm_val_accuracy": 0.6,
+                             "ppo_final_kl": float(k), "wall_seconds": 10.0, "ppo_minus_sft_ci": [0.01 * k, 0.5]}
+                    for k in seeds}
+        if size == "s":
+            per_seed[str(seeds[0])]["dpo_gold_win_rate"] = 0.4
+        d = {"size": size, "seeds": seeds, "machine": f"box {size}", "per_seed": per_seed}
+        if bins:
+            d["by_length_bin"] = bins
+        (tmp_path / name).write_text(json.dumps(d))
+        return str(tmp_path / name)
+
+    b1 = {"edges": [-1.0, 0.0, 1.0], "ppo": [0.2, 0.6], "ppo_n": [10, 30], "sft": [0.4, 0.5], "sft_n": [10, 10]}
+    b2 = {"edges": [-1.0, 0.0, 1.0], "ppo": [0.5, 1.0], "ppo_n": [0, 10], "sft": [0.1, 0.5], "sft_n": [10, 10]}
+    files = [seed_file("m12.json", "m", [1, 2], b1), seed_file("s.json", "s", [1, 2, 3]), seed_file("m3.json", "m", [3], b2)]
+    out = tmp_path / "sweep.json"
+    report.main(report.Args(seed_files=",".join(files), json_out=str(out)))
+    js = json.loads(out.read_text())
+    assert list(js["sizes"]) == ["s", "m"] and js["seeds"] == [1, 2, 3] and js["runs"] == files
+    m = js["sizes"]["m"]
+    assert m["sft_win_rate_mean"] == pytest.approx(0.4) and m["ppo_win_rate_std"] == pytest.approx(0.1 * (2 / 3) ** 0.5)
+    assert m["ppo_vs_sft_ci_low"] == pytest.approx([0.01, 0.02, 0.03]) and m["dpo_win_rate_mean"] is None
+    assert js["sizes"]["s"]["dpo_win_rate_mean"] == pytest.approx(0.4) and js["wall_seconds"] == pytest.approx(60.0)
+    # two common bins: PPO (2 + 0) / 10 - SFT (4 + 1) / 20 = -0.05; PPO (18 + 10) / 40 - SFT (5 + 5) / 20 = 0.2
+    two_bins = report.seed_files_summary(files, num_bins=2)
+    assert two_bins["ppo_minus_sft_by_length_bin"] == pytest.approx([-0.05, 0.2])
+    assert js["machine"] == "box m; box s"
+    with pytest.raises(ValueError, match="appears twice"):
+        report.seed_files_summary(files + [files[0]])
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="bad.json"):
+        report.seed_files_summary([str(tmp_path / "bad.json")])
