@@ -2,7 +2,7 @@
 
     python benchmark/report.py --sweep_dir runs/sweep_embedded --out_dir docs/figures --table docs/embedded_sweep.md
     python benchmark/report.py --quickstart_runs runs/qs/seed1,runs/qs/seed2,runs/qs_m/seed1   # quickstart.py folders
-    python benchmark/report.py --seed_files docs/quickstart_seeds.json,docs/quickstart_seeds_m.json  # JSON only
+    python benchmark/report.py --seed_files docs/quickstart_seeds.json,docs/quickstart_seeds_m.json  # their JSON files
 
 Reads the run folders written by benchmark/sweep.py, named {stage}_{model}_{seed}:
   rm_*/metrics.json         val_accuracy, val_accuracy/confidence_{k}, gold_agreement
@@ -50,7 +50,7 @@ class Args:
     summary.json; unlike sweep.py's runs, each seed there has its own task data and base model)"""
     seed_files: Optional[str] = None
     """comma-separated JSON files of benchmark/quickstart_seeds.py (one size each, seeds of a size may be split over
-    files): only --json_out is written from them (they keep no training curves for the figures)"""
+    files): they keep each seed's headline numbers, not the training curves of the PPO figure"""
 
 
 def read_json(path: str) -> Optional[dict]:
@@ -364,23 +364,24 @@ def make_figures(runs, args: Args) -> List[str]:
                       "summary length (tokens)", "mean gold-judge score", "gold_score_by_length",
                       "gold score by summary length", half_line=False)
 
-    # 4. PPO training curves
-    keys = [("objective/scores", "RM score (after EOS penalty)"), ("objective/kl", "KL(policy || SFT)"),
-            ("objective/response_length", "response length (tokens)")]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, (key, label) in zip(axes, keys):
-        for s in sizes:
-            u, arr = history_curves(runs.get("ppo", {}).get(s, {}), key)
-            if u is None:
-                continue
-            mu = arr.mean(0)
-            (ln,) = ax.plot(u, mu, label=f"size {s} ({len(arr)} seeds)")
-            ax.fill_between(u, arr.min(0), arr.max(0), alpha=0.2, color=ln.get_color())
-        ax.set_xlabel("PPO update")
-        ax.set_title(label)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"PPO curves (mean, min-max over seeds) - {args.title}", fontsize=9)
-    save(fig, "ppo_curves")
+    # 4. PPO training curves (run folders; the seed files of benchmark/quickstart_seeds.py keep none)
+    if any(r.get("history") for by in runs.get("ppo", {}).values() for r in by.values()):
+        keys = [("objective/scores", "RM score (after EOS penalty)"), ("objective/kl", "KL(policy || SFT)"),
+                ("objective/response_length", "response length (tokens)")]
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+        for ax, (key, label) in zip(axes, keys):
+            for s in sizes:
+                u, arr = history_curves(runs.get("ppo", {}).get(s, {}), key)
+                if u is None:
+                    continue
+                mu = arr.mean(0)
+                (ln,) = ax.plot(u, mu, label=f"size {s} ({len(arr)} seeds)")
+                ax.fill_between(u, arr.min(0), arr.max(0), alpha=0.2, color=ln.get_color())
+            ax.set_xlabel("PPO update")
+            ax.set_title(label)
+            ax.legend(fontsize=7)
+        fig.suptitle(f"PPO curves (mean, min-max over seeds) - {args.title}", fontsize=9)
+        save(fig, "ppo_curves")
     return written
 
 
@@ -490,83 +491,51 @@ def sweep_summary(runs, sweep_dir: str, num_bins: int = 10, timing: Optional[dic
     return out
 
 
-def seed_files_summary(files: List[str], num_bins: int = 5) -> dict:
-    """sweep_summary's keys from benchmark/quickstart_seeds.py outputs: per size, mean and std over the seeds of all
-    files of that size; the files' length bins (Detail 34) re-pooled by count onto common edges."""
-    per_size: Dict[str, Dict[int, dict]] = defaultdict(dict)
-    judges, machines, wall, sources = [], [], 0.0, []
+def collect_seed_files(files: List[str]):
+    """The same runs[stage][size][seed] from benchmark/quickstart_seeds.py outputs (one size a file; the seeds of a
+    size may be split over files) and their timing. The files keep each seed's headline numbers, not its training
+    curves; each file's length bins (Detail 34, already pooled over its seeds) go with the judge entry of its first
+    seed, so that they pool by count with the other files'."""
+    runs: Dict[str, Dict[str, Dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
+    wall, machines = 0.0, []
     for f in files:
         d = read_json(f)
         if d is None or "size" not in d or not isinstance(d.get("per_seed"), dict):
             raise ValueError(f"--seed_files: {f!r} is not a JSON file written by benchmark/quickstart_seeds.py")
-        for seed, row in d["per_seed"].items():
-            if int(seed) in per_size[d["size"]]:
-                raise ValueError(f"--seed_files: size {d['size']} seed {seed} appears twice ({f!r})")
-            per_size[d["size"]][int(seed)] = row
-            wall += float(row.get("wall_seconds") or 0.0)
+        size = str(d["size"])
+        for j, (seed, r) in enumerate(sorted(d["per_seed"].items(), key=lambda kv: int(kv[0]))):
+            seed = int(seed)
+            if seed in runs["judge_ppo"].get(size, {}):
+                raise ValueError(f"--seed_files: size {size} seed {seed} appears twice ({f!r})")
+            runs["rm"][size][seed] = {"metrics": {"val_accuracy": r.get("rm_val_accuracy")}}
+            runs["sft"][size][seed] = {"metrics": {"gold_win_rate": r.get("sft_gold_win_rate"),
+                                                   "eval_gold_score": r.get("sft_gold_score")}}
+            runs["ppo"][size][seed] = {"metrics": {"gold_win_rate": r.get("ppo_gold_win_rate"), "final_kl": r.get("ppo_final_kl"),
+                                                   "eval_gold_score": r.get("ppo_gold_score")}, "history": []}
+            if r.get("dpo_gold_win_rate") is not None:
+                runs["dpo"][size][seed] = {"metrics": {"gold_win_rate": r["dpo_gold_win_rate"]}}
+            judge = {"win_rate": r.get("ppo_gold_win_rate"), "compare_win_rate": r.get("sft_gold_win_rate"),
+                     "diff_win_rate_ci_low": (r.get("ppo_minus_sft_ci") or [None])[0]}
+            b = d.get("by_length_bin") or {}
+            for i, (lo, hi) in enumerate(zip(b.get("edges", [])[:-1], b.get("edges", [])[1:])) if j == 0 else ():
+                for prefix, name in (("", "ppo"), ("compare_", "sft")):
+                    judge.update({f"{prefix}len_bin{i}_lo": lo, f"{prefix}len_bin{i}_hi": hi,
+                                  f"{prefix}len_bin{i}_n": b[f"{name}_n"][i], f"{prefix}len_bin{i}_win_rate": b[name][i]})
+            runs["judge_ppo"][size][seed] = {"metrics": judge}
+            wall += float(r.get("wall_seconds") or 0.0)
         if d.get("machine") and d["machine"] not in machines:
             machines.append(d["machine"])
-        b = d.get("by_length_bin") or {}
-        if b.get("edges"):  # the file's pooled bins, written as one judge run's per-bin metrics
-            m = {}
-            for prefix, name in (("", "ppo"), ("compare_", "sft")):
-                for i, (lo, hi) in enumerate(zip(b["edges"][:-1], b["edges"][1:])):
-                    m.update({f"{prefix}len_bin{i}_lo": lo, f"{prefix}len_bin{i}_hi": hi,
-                              f"{prefix}len_bin{i}_n": b[f"{name}_n"][i], f"{prefix}len_bin{i}_win_rate": b[name][i]})
-            judges.append(m)
-        sources.append(f)
-
-    def stat(xs):
-        xs = [float(x) for x in xs if finite(x)]
-        return (float(np.mean(xs)), float(np.std(xs))) if xs else (None, None)
-
-    out = {"sizes": {}}
-    for size in sorted(per_size, key=size_key):
-        rows = [per_size[size][k] for k in sorted(per_size[size])]
-        entry = {}
-        for key, src in (("rm_val_accuracy", "rm_val_accuracy"), ("sft_win_rate", "sft_gold_win_rate"),
-                         ("ppo_win_rate", "ppo_gold_win_rate"), ("dpo_win_rate", "dpo_gold_win_rate"),
-                         ("final_kl", "ppo_final_kl"), ("sft_gold_score", "sft_gold_score"),
-                         ("ppo_gold_score", "ppo_gold_score")):
-            entry[f"{key}_mean"], entry[f"{key}_std"] = stat([r.get(src) for r in rows])
-        entry["ppo_vs_sft_ci_low"] = [(r.get("ppo_minus_sft_ci") or [None])[0] for r in rows]
-        entry["seeds"] = sorted(per_size[size])
-        out["sizes"][size] = entry
-    bins = []
-    ends = [m[k] for m in judges for k in m if k.endswith(("_lo", "_hi"))]
-    if ends:
-        edges = np.linspace(min(ends), max(ends), num_bins + 1)
-        rates = []
-        for prefix in ("", "compare_"):
-            w, n = np.zeros(num_bins), np.zeros(num_bins)
-            for m in judges:
-                dw, dn = run_bin_counts(m, prefix, edges)
-                w, n = w + dw, n + dn
-            rates.append((w, n))
-        (pw, pn), (sw, sn) = rates
-        bins = [float(pw[b] / pn[b] - sw[b] / sn[b]) if pn[b] and sn[b] else None for b in range(num_bins)]
-        out["length_bin_edges"] = [float(e) for e in edges]
-    out["ppo_minus_sft_by_length_bin"] = bins
-    out["seeds"] = sorted({k for by in per_size.values() for k in by})
-    out["wall_seconds"] = round(wall, 1)  # summed over the runs (each seed's whole quickstart pipeline)
-    out["machine"] = "; ".join(machines) or None
-    out["source"] = "benchmark/quickstart_seeds.py files (quickstart.py runs: each seed builds its own task data and base model)"
-    out["runs"] = sources
-    return out
+    return runs, {"wall_seconds": round(wall, 1), "machine": "; ".join(machines) or None,
+                  "source": "benchmark/quickstart_seeds.py files (quickstart.py runs: each seed builds its own task data and base model)",
+                  "runs": list(files)}
 
 
 def main(args: Args) -> None:
-    if args.seed_files:
-        summary = seed_files_summary([f for f in args.seed_files.split(",") if f.strip()])
-        print(json.dumps(summary["sizes"], indent=1))
-        if args.json_out:
-            os.makedirs(os.path.dirname(args.json_out) or ".", exist_ok=True)
-            with open(args.json_out, "w") as f:
-                json.dump(summary, f, indent=1)
-            print("wrote", args.json_out)
-        return
-    timing = None
-    if args.quickstart_runs:
+    timing, num_bins = None, 10
+    if args.seed_files:  # their length bins are already pooled into 5 per file
+        runs, timing = collect_seed_files([f for f in args.seed_files.split(",") if f.strip()])
+        num_bins = 5
+    elif args.quickstart_runs:
         runs, timing = collect_quickstart([d for d in args.quickstart_runs.split(",") if d.strip()])
     else:
         runs = collect(args.sweep_dir)
@@ -581,7 +550,7 @@ def main(args: Args) -> None:
     if args.json_out:
         os.makedirs(os.path.dirname(args.json_out) or ".", exist_ok=True)
         with open(args.json_out, "w") as f:
-            json.dump(sweep_summary(runs, args.sweep_dir, timing=timing), f, indent=1)
+            json.dump(sweep_summary(runs, args.sweep_dir, num_bins=num_bins, timing=timing), f, indent=1)
         print("wrote", args.json_out)
 
 
@@ -592,8 +561,9 @@ def write_table(path: str, table: str, args: Args) -> None:
     """Write the table between the markers of `path`, keeping the hand-written text around them."""
     settings = read_json(os.path.join(args.sweep_dir, "sweep_args.json"))
     block = f"{START}\n{table}\n\nMean ± std over seeds ({args.title}).\n"
-    if args.quickstart_runs:
-        block += f"From quickstart.py runs (each seed with its own task data and base model): `{args.quickstart_runs}`\n"
+    source = args.seed_files or args.quickstart_runs
+    if source:
+        block += f"From quickstart.py runs (each seed with its own task data and base model): `{source}`\n"
     if settings:
         skip = {"sizes", "seeds", "stages", "out_dir", "dry_run", "jobs", "claim", "order", "slurm", "slurm_time", "slurm_partition",
                 "slurm_extra", "dataset_dir", "task_dir"}

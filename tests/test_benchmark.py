@@ -419,7 +419,9 @@ def test_report_json_from_seed_files(tmp_path):
     b2 = {"edges": [-1.0, 0.0, 1.0], "ppo": [0.5, 1.0], "ppo_n": [0, 10], "sft": [0.1, 0.5], "sft_n": [10, 10]}
     files = [seed_file("m12.json", "m", [1, 2], b1), seed_file("s.json", "s", [1, 2, 3]), seed_file("m3.json", "m", [3], b2)]
     out = tmp_path / "sweep.json"
-    report.main(report.Args(seed_files=",".join(files), json_out=str(out)))
+    report.main(report.Args(seed_files=",".join(files), json_out=str(out), out_dir=str(tmp_path / "fig"), prefix="t_",
+                            table=None))
+    assert (tmp_path / "fig" / "t_win_rate_vs_size.png").stat().st_size > 5000
     js = json.loads(out.read_text())
     assert list(js["sizes"]) == ["s", "m"] and js["seeds"] == [1, 2, 3] and js["runs"] == files
     m = js["sizes"]["m"]
@@ -427,11 +429,11 @@ def test_report_json_from_seed_files(tmp_path):
     assert m["ppo_vs_sft_ci_low"] == pytest.approx([0.01, 0.02, 0.03]) and m["dpo_win_rate_mean"] is None
     assert js["sizes"]["s"]["dpo_win_rate_mean"] == pytest.approx(0.4) and js["wall_seconds"] == pytest.approx(60.0)
     # two common bins: PPO (2 + 0) / 10 - SFT (4 + 1) / 20 = -0.05; PPO (18 + 10) / 40 - SFT (5 + 5) / 20 = 0.2
-    two_bins = report.seed_files_summary(files, num_bins=2)
-    assert two_bins["ppo_minus_sft_by_length_bin"] == pytest.approx([-0.05, 0.2])
+    runs, _ = report.collect_seed_files(files)
+    assert report.sweep_summary(runs, "", num_bins=2)["ppo_minus_sft_by_length_bin"] == pytest.approx([-0.05, 0.2])
     assert js["machine"] == "box m; box s"
     with pytest.raises(ValueError, match="appears twice"):
-        report.seed_files_summary(files + [files[0]])
+        report.collect_seed_files(files + [files[0]])
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ValueError, match="bad.json"):
-        report.seed_files_summary([str(tmp_path / "bad.json")])
+        report.collect_seed_files([str(tmp_path / "bad.json")])
