@@ -45,6 +45,8 @@ class Args:
     """common bins of log(len(candidate)/len(reference)) used to pool the judge's per-run length bins"""
     json_out: Optional[str] = "docs/embedded_sweep.json"
     """the sweep's numbers as JSON (None: not written)"""
+    readme: Optional[str] = None
+    """file (README.md) whose block between README_START and README_END receives the by-size table of the JSON"""
     quickstart_runs: Optional[str] = None
     """comma-separated quickstart.py output folders to report instead of --sweep_dir (size and seed from each
     summary.json; unlike sweep.py's runs, each seed there has its own task data and base model)"""
@@ -549,9 +551,13 @@ def main(args: Args) -> None:
         print("wrote", args.table)
     if args.json_out:
         os.makedirs(os.path.dirname(args.json_out) or ".", exist_ok=True)
+        summary = sweep_summary(runs, args.sweep_dir, num_bins=num_bins, timing=timing)
         with open(args.json_out, "w") as f:
-            json.dump(sweep_summary(runs, args.sweep_dir, num_bins=num_bins, timing=timing), f, indent=1)
+            json.dump(summary, f, indent=1)
         print("wrote", args.json_out)
+        if args.readme:
+            write_readme_block(args.readme, summary, args.json_out)
+            print("wrote", args.readme)
 
 
 START, END = "<!-- table:start (benchmark/report.py) -->", "<!-- table:end -->"
@@ -580,6 +586,33 @@ def write_table(path: str, table: str, args: Args) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
         f.write(new)
+
+README_START, README_END = "<!-- embedded-sweep:start (benchmark/report.py) -->", "<!-- embedded-sweep:end -->"
+
+
+def write_readme_block(path: str, summary: dict, json_path: str) -> None:
+    """The JSON's per-size means ± stds and per-seed CI lower bounds as a markdown table between the markers."""
+    text = open(path).read()
+    if README_START not in text or README_END not in text:
+        raise ValueError(f"--readme: {path} lacks the markers {README_START!r} ... {README_END!r}")
+    def cell(e, key):
+        mu, sd = e.get(f"{key}_mean"), e.get(f"{key}_std")
+        return "-" if mu is None else (f"{mu:.3f} ± {sd:.3f}" if len(e["seeds"]["ppo"]) > 1 else f"{mu:.3f}")
+
+    lines = ["| size | seeds | RM val accuracy | SFT win rate | PPO win rate | DPO win rate | PPO - SFT, paired CI low per seed | final KL |",
+             "|---|---|---|---|---|---|---|---|"]
+    for size, e in summary["sizes"].items():
+        lows = ", ".join(f"{x:+.3f}" for x in e["ppo_vs_sft_ci_low"]) or "-"
+        seeds = ",".join(map(str, e["seeds"]["ppo"]))
+        lines.append(f"| {size} | {seeds} | {cell(e, 'rm_val_accuracy')} | {cell(e, 'sft_win_rate')} | {cell(e, 'ppo_win_rate')} | "
+                     f"{cell(e, 'dpo_win_rate')} | {lows} | {cell(e, 'final_kl')} |")
+    bins = ", ".join("-" if b is None else f"{b:+.2f}" for b in summary.get("ppo_minus_sft_by_length_bin", []))
+    lines.append(f"\nMean ± std over seeds from `{json_path}` ({summary.get('machine')}); PPO minus SFT win rate per "
+                 f"length bin (Detail 34, shortest first, pooled): {bins}.")
+    new = text[: text.index(README_START) + len(README_START)] + "\n" + "\n".join(lines) + "\n" + text[text.index(README_END):]
+    with open(path, "w") as f:
+        f.write(new)
+
 
 if __name__ == "__main__":
     main(tyro.cli(Args))

@@ -422,6 +422,14 @@ def test_report_json_from_seed_files(tmp_path):
     report.main(report.Args(seed_files=",".join(files), json_out=str(out), out_dir=str(tmp_path / "fig"), prefix="t_",
                             table=None))
     assert (tmp_path / "fig" / "t_win_rate_vs_size.png").stat().st_size > 5000
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{report.README_START}\nSTALE\n{report.README_END}\nafter\n")
+    report.write_readme_block(str(readme), json.loads(out.read_text()), "sweep.json")
+    text = readme.read_text()
+    assert "STALE" not in text and text.startswith("intro") and text.rstrip().endswith("after")
+    assert "| m | 1,2,3 | 0.600 ± 0.000 | 0.400 ± 0.082 | 0.700 ± 0.082 | - | +0.010, +0.020, +0.030 | 2.000 ± 0.816 |" in text
+    with pytest.raises(ValueError, match="markers"):
+        report.write_readme_block(str(tmp_path / "fig" / ".." / "sweep.json"), {}, "x")
     js = json.loads(out.read_text())
     assert list(js["sizes"]) == ["s", "m"] and js["seeds"] == [1, 2, 3] and js["runs"] == files
     m = js["sizes"]["m"]
