@@ -369,8 +369,11 @@ def make_figures(runs, args: Args) -> List[str]:
     # 4. PPO training curves (run folders; the seed files of benchmark/quickstart_seeds.py keep none)
     if any(r.get("history") for by in runs.get("ppo", {}).values() for r in by.values()):
         keys = [("objective/scores", "RM score (after EOS penalty)"), ("objective/kl", "KL(policy || SFT)"),
-                ("objective/response_length", "response length (tokens)")]
-        fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+                ("objective/response_length", "response length (tokens)"),
+                # held-out evaluations: the gold judge should follow the RM; a falling gold curve under a rising
+                # RM curve is over-optimisation of the RM
+                ("eval/rm_score", "held-out RM score"), ("eval/gold_score", "held-out gold-judge score")]
+        fig, axes = plt.subplots(1, len(keys), figsize=(4.3 * len(keys), 3.6))
         for ax, (key, label) in zip(axes, keys):
             for s in sizes:
                 u, arr = history_curves(runs.get("ppo", {}).get(s, {}), key)
