@@ -142,7 +142,9 @@ def main(args: Args):
                      [py, "tldr_dataset.py", "--source", "embedded", "--task_dir", task, "--comparisons_dir", feedback,
                       "--output_dir", fdata]],
         "rm": [*go, "reward.py", "--preset", "embedded", "--sft_model_path", sft, "--dataset_path", fdata,
-               "--output_dir", rm, "--gold_task_dir", task, *common],
+               "--output_dir", rm, "--gold_task_dir", task, *common,
+               # also scored on the task's generated comparisons: the same pairs for every size of a seed
+               "--fixed_val_dataset_path", data],
         "ppo": [*go, "ppo.py", "--preset", "embedded", "--sft_model_path", sft, "--reward_model_path", rm,
                 "--dataset_path", fdata, "--output_dir", ppo, "--gold_task_dir", task, *common],
         "judge": [py, "eval_gpt_judge.py", "--judge", "gold", "--gold_task_dir", task,
@@ -181,6 +183,7 @@ def main(args: Args):
         "base_gold_score": s.get("base_gold_score"), "sft_gold_score": s.get("sft_gold_score"),
         "ppo_gold_score": p.get("gold_score"), "dpo_gold_score": d.get("dpo_gold_score"),
         "rm_val_accuracy": r.get("val_accuracy"), "rm_gold_agreement": r.get("gold_agreement"),
+        "rm_fixed_val_accuracy": r.get("val_fixed_accuracy"),
         "rm_gold_corr_sft_samples": r.get("gold_corr_sft_pearson"), "rm_near_miss_accuracy": r.get("gold_near_miss_accuracy"),
         "ppo_gold_win_rate": p.get("gold_win_rate"), "ppo_final_kl": p.get("final_kl"),
         "ppo_final_score": p.get("final_score"), "ppo_episodes_per_second": p.get("episodes_per_second"),
@@ -216,7 +219,8 @@ def main(args: Args):
     table.add_row(f"base-{args.size} (pretrained only)", fmt(summary.get("base_gold_win_rate")), fmt(summary.get("base_gold_score")), "")
     table.add_row("SFT", fmt(summary.get("sft_gold_win_rate")), fmt(summary.get("sft_gold_score")), f"val loss {fmt(summary.get('sft_val_loss'))}")
     if "rm_val_accuracy" in summary:
-        table.add_row("reward model", "", "", f"val accuracy {fmt(summary['rm_val_accuracy'])}, gold agreement {fmt(summary.get('rm_gold_agreement'))}")
+        table.add_row("reward model", "", "", f"val accuracy {fmt(summary['rm_val_accuracy'])} (fixed pairs "
+                      f"{fmt(summary.get('rm_fixed_val_accuracy'))}), gold agreement {fmt(summary.get('rm_gold_agreement'))}")
     if "ppo_gold_win_rate" in summary:
         table.add_row("PPO", fmt(summary["ppo_gold_win_rate"]), fmt(summary.get("ppo_gold_score")),
                       f"final KL {fmt(summary.get('ppo_final_kl'))}, RM score {fmt(summary.get('ppo_final_score'))}, "

@@ -102,6 +102,10 @@ class Args:
     """sequences per forward pass in evaluation / normalisation"""
     num_val_pairs: Optional[int] = None
     """use a seeded random subset of N pairs of each validation split; None = all"""
+    fixed_val_dataset_path: Optional[str] = None
+    """another preference data set (tldr_dataset.py output) whose validation split is scored too, as `val_fixed_*`:
+    pairs that stay the same when the training comparisons come from each model size's own policy, as the paper's
+    human validation set does for every size (the embedded quickstart passes the task's generated comparisons)"""
     norm_num_samples: Optional[int] = None
     """number of SFT train (query, reference) sequences for the reward normalisation; None = all"""
     norm_recompute_samples: Optional[int] = None
@@ -586,6 +590,21 @@ def main(args: Args) -> Dict[str, float]:
             keep = np.random.default_rng(args.seed + 1).choice(len(ds), size=args.num_val_pairs, replace=False)
             ds = ds.select(np.sort(keep).tolist())
         val_splits[split] = ds
+    if args.fixed_val_dataset_path is not None:
+        fixed_path = os.path.join(args.fixed_val_dataset_path, "preference")
+        if not os.path.isdir(fixed_path) or "validation" not in load_from_disk(fixed_path):
+            raise ValueError(f"--fixed_val_dataset_path: {fixed_path} has no 'validation' split (run tldr_dataset.py there)")
+        fixed_meta = read_meta(args.fixed_val_dataset_path)
+        for key in ("tokenizer", "pad_token_id", "eos_token_id"):  # token ids must mean the same as in --dataset_path
+            if key in fixed_meta and key in meta and fixed_meta[key] != meta[key]:
+                raise ValueError(f"--fixed_val_dataset_path: meta.json field {key!r} is {fixed_meta[key]!r}, "
+                                 f"{meta[key]!r} in --dataset_path: build both with the same tokenizer")
+        ds, n_same = check_preference_split(load_from_disk(fixed_path)["validation"], "validation_fixed", rm_resp_len,
+                                            rm_qr_len, "skip")
+        if args.num_val_pairs is not None and args.num_val_pairs < len(ds):
+            keep = np.random.default_rng(args.seed + 2).choice(len(ds), size=args.num_val_pairs, replace=False)
+            ds = ds.select(np.sort(keep).tolist())
+        val_splits["validation_fixed"] = ds  # reported as val_fixed_* (below)
     num_updates = (len(train_ds) // args.total_batch_size) * args.num_train_epochs
     if num_updates == 0:
         raise ValueError(f"preference split 'train' has {len(train_ds)} pairs, fewer than one batch of "

@@ -82,8 +82,9 @@ def summarise(per_seed: Dict[int, dict], machine: str) -> dict:
         out["std"][key] = float(np.std(xs)) if xs else None
     for seed, s in sorted(per_seed.items()):
         out["per_seed"][str(seed)] = {k: s.get(k) for k, _ in METRICS}
-        if s.get("dpo_gold_win_rate") is not None:  # the optional DPO stage ran (kept, not in the README table)
-            out["per_seed"][str(seed)]["dpo_gold_win_rate"] = s["dpo_gold_win_rate"]
+        for key in ("dpo_gold_win_rate", "rm_fixed_val_accuracy"):  # kept where the run has them, not in the README table
+            if s.get(key) is not None:  # the optional DPO stage; the RM on the task's fixed pairs (newer runs)
+                out["per_seed"][str(seed)][key] = s[key]
         out["per_seed"][str(seed)].update(ppo_minus_sft_ci=[s.get("judge_diff_win_rate_ci_low"),
                                                             s.get("judge_diff_win_rate_ci_high")])
     lows = [s.get("judge_diff_win_rate_ci_low") for s in per_seed.values()]

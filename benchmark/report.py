@@ -53,6 +53,9 @@ class Args:
     seed_files: Optional[str] = None
     """comma-separated JSON files of benchmark/quickstart_seeds.py (one size each, seeds of a size may be split over
     files): they keep each seed's headline numbers, not the training curves of the PPO figure"""
+    rm_cross_eval: Optional[str] = None
+    """JSON of benchmark/rm_cross_eval.py: each run's RM accuracy on the task's fixed validation pairs (the same
+    pairs for every size of a seed, like the paper's human validation set), added to the figure and the JSON"""
 
 
 def read_json(path: str) -> Optional[dict]:
@@ -278,6 +281,11 @@ def make_figures(runs, args: Args) -> List[str]:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     errbar(axes[0], x, [values(runs, "rm", s, "val_accuracy") for s in sizes], "RM validation accuracy")
     errbar(axes[0], x, [values(runs, "rm", s, "gold_agreement") for s in sizes], "RM agreement with the gold judge")
+    if any(values(runs, "rm", s, "val_fixed_accuracy") for s in sizes):  # benchmark/rm_cross_eval.py
+        errbar(axes[0], x, [values(runs, "rm", s, "val_fixed_accuracy") for s in sizes],
+               "RM accuracy, fixed pairs (the same for every size)")
+        errbar(axes[0], x, [values(runs, "rm", s, "fixed_gold_agreement") for s in sizes],
+               "RM agreement with gold, fixed pairs")
     errbar(axes[0], x, [values(runs, "dpo", s, "val_reward_accuracy") for s in sizes], "DPO implicit reward accuracy")
     axes[0].set_xticks(x, sizes)
     axes[0].set_xlabel("model size")
@@ -464,7 +472,10 @@ def sweep_summary(runs, sweep_dir: str, num_bins: int = 10, timing: Optional[dic
     for s in sizes:
         wr = win_rates(runs, s)
         entry = {}
-        for key, xs in (("rm_val_accuracy", values(runs, "rm", s, "val_accuracy")), ("sft_win_rate", wr["SFT"]),
+        for key, xs in (("rm_val_accuracy", values(runs, "rm", s, "val_accuracy")),
+                        ("rm_fixed_val_accuracy", values(runs, "rm", s, "val_fixed_accuracy")),
+                        ("rm_fixed_gold_agreement", values(runs, "rm", s, "fixed_gold_agreement")),
+                        ("sft_win_rate", wr["SFT"]),
                         ("ppo_win_rate", wr["PPO"]), ("dpo_win_rate", wr["DPO"]),
                         ("final_kl", values(runs, "ppo", s, "final_kl")),
                         ("sft_gold_score", values(runs, "sft", s, "eval_gold_score")),
@@ -475,6 +486,8 @@ def sweep_summary(runs, sweep_dir: str, num_bins: int = 10, timing: Optional[dic
         entry["ppo_vs_sft_ci_low"] = [jp[k]["metrics"]["diff_win_rate_ci_low"] for k in sorted(jp)
                                       if finite(jp[k]["metrics"].get("diff_win_rate_ci_low"))]
         entry["seeds"] = {st: sorted(runs.get(st, {}).get(s, {})) for st in ("sft", "rm", "ppo", "dpo", "judge_ppo")}
+        entry["seeds"]["rm_fixed"] = sorted(k for k, r in runs.get("rm", {}).get(s, {}).items()
+                                           if finite(r["metrics"].get("val_fixed_accuracy")))
         out["sizes"][s] = entry
     # Detail 34 length bins, pooled over sizes and seeds: PPO's win rate minus SFT's in each bin
     rng = length_range(runs)
@@ -512,7 +525,8 @@ def collect_seed_files(files: List[str]):
             seed = int(seed)
             if seed in runs["judge_ppo"].get(size, {}):
                 raise ValueError(f"--seed_files: size {size} seed {seed} appears twice ({f!r})")
-            runs["rm"][size][seed] = {"metrics": {"val_accuracy": r.get("rm_val_accuracy")}}
+            runs["rm"][size][seed] = {"metrics": {"val_accuracy": r.get("rm_val_accuracy"),
+                                                  "val_fixed_accuracy": r.get("rm_fixed_val_accuracy")}}
             runs["sft"][size][seed] = {"metrics": {"gold_win_rate": r.get("sft_gold_win_rate"),
                                                    "eval_gold_score": r.get("sft_gold_score")}}
             runs["ppo"][size][seed] = {"metrics": {"gold_win_rate": r.get("ppo_gold_win_rate"), "final_kl": r.get("ppo_final_kl"),
@@ -535,6 +549,18 @@ def collect_seed_files(files: List[str]):
                   "runs": list(files)}
 
 
+def add_rm_cross_eval(runs, path: str) -> None:
+    """Each run's RM accuracy and gold agreement on the task's fixed validation pairs (benchmark/rm_cross_eval.py)
+    into runs["rm"][size][seed]["metrics"] as val_fixed_accuracy / fixed_gold_agreement."""
+    d = read_json(path)
+    if not isinstance(d, dict) or not isinstance(d.get("runs"), list):
+        raise ValueError(f"--rm_cross_eval: {path!r} is not a JSON file written by benchmark/rm_cross_eval.py")
+    for r in d["runs"]:
+        entry = runs["rm"][str(r["size"])].setdefault(int(r["seed"]), {"metrics": {}})
+        entry["metrics"]["val_fixed_accuracy"] = r["task"]["accuracy"]
+        entry["metrics"]["fixed_gold_agreement"] = r["task"]["gold_agreement"]
+
+
 def main(args: Args) -> None:
     timing, num_bins = None, 10
     if args.seed_files:  # their length bins are already pooled into 5 per file
@@ -544,6 +570,8 @@ def main(args: Args) -> None:
         runs, timing = collect_quickstart([d for d in args.quickstart_runs.split(",") if d.strip()])
     else:
         runs = collect(args.sweep_dir)
+    if args.rm_cross_eval:
+        add_rm_cross_eval(runs, args.rm_cross_eval)
     written = make_figures(runs, args)
     table = table_markdown(runs)
     print(table)
@@ -598,16 +626,18 @@ def write_readme_block(path: str, summary: dict, json_path: str) -> None:
     text = open(path).read()
     if README_START not in text or README_END not in text:
         raise ValueError(f"--readme: {path} lacks the markers {README_START!r} ... {README_END!r}")
-    def cell(e, key):
+    def cell(e, key, seeds="ppo"):
         mu, sd = e.get(f"{key}_mean"), e.get(f"{key}_std")
-        return "-" if mu is None else (f"{mu:.3f} ± {sd:.3f}" if len(e["seeds"]["ppo"]) > 1 else f"{mu:.3f}")
+        return "-" if mu is None else (f"{mu:.3f} ± {sd:.3f}" if len(e["seeds"].get(seeds, [])) > 1 else f"{mu:.3f}")
 
-    lines = ["| size | seeds | RM val accuracy | SFT win rate | PPO win rate | DPO win rate | PPO - SFT, paired CI low per seed | final KL |",
-             "|---|---|---|---|---|---|---|---|"]
+    fixed = any(e.get("rm_fixed_val_accuracy_mean") is not None for e in summary["sizes"].values())
+    lines = ["| size | seeds | RM val accuracy" + (" (fixed pairs)" if fixed else "") + " | SFT win rate | PPO win rate | "
+             "DPO win rate | PPO - SFT, paired CI low per seed | final KL |", "|---|---|---|---|---|---|---|---|"]
     for size, e in summary["sizes"].items():
         lows = ", ".join(f"{x:+.3f}" for x in e["ppo_vs_sft_ci_low"]) or "-"
         seeds = ",".join(map(str, e["seeds"]["ppo"]))
-        lines.append(f"| {size} | {seeds} | {cell(e, 'rm_val_accuracy')} | {cell(e, 'sft_win_rate')} | {cell(e, 'ppo_win_rate')} | "
+        rm = cell(e, "rm_val_accuracy") + (f" ({cell(e, 'rm_fixed_val_accuracy', 'rm_fixed')})" if fixed else "")
+        lines.append(f"| {size} | {seeds} | {rm} | {cell(e, 'sft_win_rate')} | {cell(e, 'ppo_win_rate')} | "
                      f"{cell(e, 'dpo_win_rate')} | {lows} | {cell(e, 'final_kl')} |")
     bins = ", ".join("-" if b is None else f"{b:+.2f}" for b in summary.get("ppo_minus_sft_by_length_bin", []))
     lines.append(f"\nMean ± std over seeds from `{json_path}` ({summary.get('machine')}); PPO minus SFT win rate per "

@@ -398,6 +398,26 @@ def test_report_reads_quickstart_folders(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="empty"):
         report.collect_quickstart([str(tmp_path / "empty")])
+    # --rm_cross_eval: each run's RM accuracy on the task's fixed pairs joins the JSON and the README block
+    cross = tmp_path / "cross.json"
+    cross.write_text(json.dumps({"runs": [{"size": "m", "seed": k, "task": {"accuracy": 0.6 + 0.1 * k, "gold_agreement": 0.7}}
+                                          for k in (1, 2)] + [{"size": "s", "seed": 1, "task": {"accuracy": 0.5, "gold_agreement": 0.5}}]}))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"top\n{report.README_START}\nold\n{report.README_END}\nbottom\n")
+    report.main(report.Args(quickstart_runs=",".join(dirs), out_dir=str(tmp_path / "fig"), table=None, prefix="t_",
+                            json_out=str(out), rm_cross_eval=str(cross), readme=str(readme)))
+    js = json.loads(out.read_text())
+    assert js["sizes"]["m"]["rm_fixed_val_accuracy_mean"] == pytest.approx(0.75)
+    assert js["sizes"]["m"]["rm_fixed_val_accuracy_std"] == pytest.approx(0.05)
+    assert js["sizes"]["m"]["rm_fixed_gold_agreement_mean"] == pytest.approx(0.7)
+    assert js["sizes"]["s"]["seeds"]["rm_fixed"] == [1] and js["sizes"]["m"]["seeds"]["rm_fixed"] == [1, 2]
+    text = readme.read_text()
+    assert "(fixed pairs)" in text and "0.665 ± 0.005 (0.750 ± 0.050)" in text and "(0.500)" in text
+    assert text.startswith("top\n") and text.endswith("bottom\n") and "old" not in text
+    cross.write_text("[]")
+    with pytest.raises(ValueError, match="--rm_cross_eval"):
+        report.main(report.Args(quickstart_runs=",".join(dirs), out_dir=str(tmp_path / "fig"), table=None,
+                                json_out=None, rm_cross_eval=str(cross)))
 
 
 def test_report_json_from_seed_files(tmp_path):

@@ -582,6 +582,21 @@ def test_detail18_validation_cnndm_reported_separately(pythia_tokenizer_dir, tmp
     assert metrics["val_cnndm_reward_margin"] == pytest.approx(np.mean(margins), abs=1e-4)
     assert "val_cnndm_accuracy/confidence_7" in metrics and "val_cnndm_accuracy/policies_ref_vs_sup2" in metrics
 
+    # --fixed_val_dataset_path: another data set's validation split scored as val_fixed_* (here the same pairs again:
+    # the same numbers); a folder without one, or one built with another tokenizer, is an error naming the flag
+    fixed = reward.main(reward.Args(**{**vars(args), "output_dir": str(tmp_path / "rm_fixed"), "fixed_val_dataset_path": str(data)}))
+    assert fixed["val_fixed_num_pairs"] == 4 and fixed["val_fixed_accuracy"] == pytest.approx(fixed["val_accuracy"])
+    assert fixed["val_fixed_reward_margin"] == pytest.approx(fixed["val_reward_margin"])
+    with pytest.raises(ValueError, match="--fixed_val_dataset_path"):
+        reward.main(reward.Args(**{**vars(args), "fixed_val_dataset_path": str(tmp_path / "sft_raw")}))
+    import shutil
+
+    shutil.copytree(data, tmp_path / "other")
+    meta = json.loads((tmp_path / "other" / "meta.json").read_text())
+    (tmp_path / "other" / "meta.json").write_text(json.dumps({**meta, "pad_token_id": 7}))
+    with pytest.raises(ValueError, match="--fixed_val_dataset_path: meta.json field 'pad_token_id'"):
+        reward.main(reward.Args(**{**vars(args), "fixed_val_dataset_path": str(tmp_path / "other")}))
+
 
 def test_bf16_on_cpu_head_loss_and_save(fake_run, tmp_path):
     """reward.py's bf16 branch (taken under CUDA) on CPU with --bf16_on_cpu: the trunk and the RM head run under bf16
