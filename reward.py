@@ -592,14 +592,15 @@ def main(args: Args) -> Dict[str, float]:
         val_splits[split] = ds
     if args.fixed_val_dataset_path is not None:
         fixed_path = os.path.join(args.fixed_val_dataset_path, "preference")
-        if not os.path.isdir(fixed_path) or "validation" not in load_from_disk(fixed_path):
+        fixed_pref = load_from_disk(fixed_path) if os.path.isdir(fixed_path) else {}
+        if "validation" not in fixed_pref:
             raise ValueError(f"--fixed_val_dataset_path: {fixed_path} has no 'validation' split (run tldr_dataset.py there)")
         fixed_meta = read_meta(args.fixed_val_dataset_path)
         for key in ("tokenizer", "pad_token_id", "eos_token_id"):  # token ids must mean the same as in --dataset_path
             if key in fixed_meta and key in meta and fixed_meta[key] != meta[key]:
                 raise ValueError(f"--fixed_val_dataset_path: meta.json field {key!r} is {fixed_meta[key]!r}, "
                                  f"{meta[key]!r} in --dataset_path: build both with the same tokenizer")
-        ds, n_same = check_preference_split(load_from_disk(fixed_path)["validation"], "validation_fixed", rm_resp_len,
+        ds, n_same = check_preference_split(fixed_pref["validation"], "validation_fixed", rm_resp_len,
                                             rm_qr_len, "skip")
         if args.num_val_pairs is not None and args.num_val_pairs < len(ds):
             keep = np.random.default_rng(args.seed + 2).choice(len(ds), size=args.num_val_pairs, replace=False)

@@ -97,6 +97,8 @@ def main(args: Args) -> dict:
         ds = datasets.load_from_disk(path)
         return ds.select(range(min(args.max_pairs, len(ds)))) if args.max_pairs is not None else ds
 
+    vocabs = {r["dir"]: load_tokenizer(r["rm"]).get_vocab() for r in runs}
+    cache = {}  # split path -> (pairs, gold verdicts): each split is loaded and judged once, not once per RM
     results = []
     for run in runs:
         same_seed = [r for r in runs if r["seed"] == run["seed"]]
@@ -104,13 +106,15 @@ def main(args: Args) -> dict:
         judge = et.GoldJudge.from_dir(run["task"])
         tokenizer = load_tokenizer(run["rm"])
         for r in same_seed:  # the same task seed: the same tokenizer, or the token ids mean other things
-            if load_tokenizer(r["rm"]).get_vocab() != tokenizer.get_vocab():
+            if vocabs[r["dir"]] != vocabs[run["dir"]]:
                 raise ValueError(f"--runs: {r['dir']} and {run['dir']} have seed {run['seed']} but different tokenizers")
         model = ScalarModel.from_pretrained(run["rm"]).eval()
         out = {"dir": run["dir"], "size": run["size"], "seed": run["seed"]}
         for name, path in splits.items():
-            ds = load(path)
-            gold = np.array([judge.compare(q, a, b) for q, a, b in zip(ds["query"], ds["chosen"], ds["rejected"])])
+            if path not in cache:  # a split belongs to one seed, whose task (and judge) every run of it shares
+                ds = load(path)
+                cache[path] = (ds, np.array([judge.compare(q, a, b) for q, a, b in zip(ds["query"], ds["chosen"], ds["rejected"])]))
+            ds, gold = cache[path]
             out[name] = pair_metrics(rm_margins(model, ds, tokenizer.pad_token_id, args.batch_size), gold)
         out["own_feedback"] = out[f"feedback_{run['size']}"]
         results.append(out)

@@ -584,12 +584,20 @@ def test_detail18_validation_cnndm_reported_separately(pythia_tokenizer_dir, tmp
 
     # --fixed_val_dataset_path: another data set's validation split scored as val_fixed_* (here the same pairs again:
     # the same numbers); a folder without one, or one built with another tokenizer, is an error naming the flag
-    fixed = reward.main(reward.Args(**{**vars(args), "output_dir": str(tmp_path / "rm_fixed"), "fixed_val_dataset_path": str(data)}))
-    assert fixed["val_fixed_num_pairs"] == 4 and fixed["val_fixed_accuracy"] == pytest.approx(fixed["val_accuracy"])
-    assert fixed["val_fixed_reward_margin"] == pytest.approx(fixed["val_reward_margin"])
+    import shutil
+
+    swapped = tmp_path / "swapped"  # the same pairs with chosen and rejected exchanged: the margins change sign
+    shutil.copytree(data, swapped)
+    pref = load_from_disk(str(data / "preference"))
+    val = pref["validation"].rename_columns({"query_chosen_token": "_c", "query_rejected_token": "query_chosen_token"})
+    val = val.rename_columns({"_c": "query_rejected_token"})
+    shutil.rmtree(swapped / "preference")
+    type(pref)({"train": pref["train"], "validation": val}).save_to_disk(str(swapped / "preference"))
+    fixed = reward.main(reward.Args(**{**vars(args), "output_dir": str(tmp_path / "rm_fixed"), "fixed_val_dataset_path": str(swapped)}))
+    assert fixed["val_fixed_num_pairs"] == 4 and fixed["val_fixed_reward_margin"] == pytest.approx(-fixed["val_reward_margin"])
+    assert fixed["val_reward_margin"] != 0
     with pytest.raises(ValueError, match="--fixed_val_dataset_path"):
         reward.main(reward.Args(**{**vars(args), "fixed_val_dataset_path": str(tmp_path / "sft_raw")}))
-    import shutil
 
     shutil.copytree(data, tmp_path / "other")
     meta = json.loads((tmp_path / "other" / "meta.json").read_text())
