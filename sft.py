@@ -75,6 +75,9 @@ class Args:
     """also sample the base model before training and judge it (base_gold_win_rate)"""
     save_every: int = 200
     """checkpoint every N updates (0: never)"""
+    group_by_length: int = 0
+    """0: plain shuffled batches (as released). N > 0: shuffle, sort each run of N updates' sequences by length and
+    cut it into micro-batches, so that `trim_right` drops more padding (same data per epoch, less compute)"""
     resume: bool = False
     """continue from `{output_dir}/checkpoint`"""
     track: bool = False
@@ -98,12 +101,15 @@ PRESETS = {
         num_train_epochs=8,
         total_batch_size=32,
         per_device_train_batch_size=16,
-        eval_every=50,
+        eval_every=250,  # the validation loss is a curve for the user, not a stopping rule: 6 points are enough
         num_eval_samples=200,
         eval_batch_size=50,
         max_val_batches=8,
         gold_task_dir="runs/quickstart/task",
-        save_every=100,
+        save_every=250,
+        # 16-row micro-batches of random posts are padded to 182 tokens on average for a mean of 152; sorted within
+        # runs of 20 updates they are padded to about the mean: base-s SFT ~15% faster
+        group_by_length=20,
     ),
 }
 
@@ -359,6 +365,35 @@ def print_samples(rows, title: str, k: int = 4):
 # ----------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------
+class SeededBatches:
+    """Batch sampler whose order is a function of (seed, epoch) alone, so that `--resume` mid-run replays the same
+    batches: per epoch a seeded permutation of the rows, rows past the last full update dropped (as drop_last). With
+    `group` > 0 each run of `group` updates is sorted by length (longest first) before it is cut into micro-batches,
+    and the updates (each `per_update` consecutive micro-batches, dealt one per process by accelerate) are shuffled."""
+
+    def __init__(self, lengths, batch_size: int, per_update: int, group: int, seed: int):
+        self.lengths, self.batch_size, self.per_update, self.group = np.asarray(lengths), batch_size, per_update, group
+        self.seed, self.epoch = seed, 0
+        self.num_updates = len(self.lengths) // (batch_size * per_update)
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.num_updates * self.per_update
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        rows = self.batch_size * self.per_update
+        perm = rng.permutation(len(self.lengths))[: self.num_updates * rows]
+        if self.group:
+            runs = [perm[i : i + rows * self.group] for i in range(0, len(perm), rows * self.group)]
+            perm = np.concatenate([r[np.argsort(-self.lengths[r], kind="stable")] for r in runs])
+            perm = perm.reshape(self.num_updates, rows)[rng.permutation(self.num_updates)].reshape(-1)
+        for i in range(0, len(perm), self.batch_size):
+            yield perm[i : i + self.batch_size].tolist()
+
+
 def make_optimizer(model, args: Args, num_updates: int):
     from transformers import get_cosine_schedule_with_warmup
 
@@ -483,8 +518,10 @@ def main(args: Args) -> dict:
 
     cols = ["query_reference_response_token", "query_reference_response_token_len", "query_token"]
     train = data["train"].with_format("torch", columns=cols)
-    generator = torch.Generator().manual_seed(args.seed)
-    loader = torch.utils.data.DataLoader(train, batch_size=args.per_device_train_batch_size, shuffle=True, drop_last=True, generator=generator)
+    # rows of an update are dealt one micro-batch per process, `grad_accum` micro-batches each
+    sampler = SeededBatches(data["train"]["query_reference_response_token_len"], args.per_device_train_batch_size,
+                            grad_accum * accelerator.num_processes, args.group_by_length, args.seed)
+    loader = torch.utils.data.DataLoader(train, batch_sampler=sampler)
     val_loader = torch.utils.data.DataLoader(data["validation"].with_format("torch", columns=cols), batch_size=args.eval_batch_size)
     num_updates = args.num_train_epochs * (len(train) // args.total_batch_size)
     if num_updates == 0:
@@ -523,6 +560,7 @@ def main(args: Args) -> dict:
                 continue
             if hasattr(loader, "set_epoch"):
                 loader.set_epoch(epoch)
+            sampler.set_epoch(epoch)
             skip = micro - epoch * micro_per_epoch  # resume: the data position within the epoch
             epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
             for batch in epoch_loader:

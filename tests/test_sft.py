@@ -303,3 +303,34 @@ def test_main_in_process_returns_metrics_and_gold_seam(tiny_run_inputs, tmp_path
     assert [s["gold_score"] for s in samples] == [float(len(s["response"])) for s in samples]
     assert all(s["gold_reference_score"] == -1.0 for s in samples)
     assert metrics["sft_gold_score"] == pytest.approx(sum(s["gold_score"] for s in samples) / 4)
+
+
+def test_length_grouped_batches_cover_each_row_once_and_cut_padding():
+    rng = torch.Generator().manual_seed(0)
+    lengths = torch.randint(20, 200, (1000,), generator=rng).tolist()
+    s = sft.SeededBatches(lengths, batch_size=16, per_update=2, group=5, seed=1)
+    epoch0 = list(s)
+    assert len(epoch0) == len(s) == 2 * (1000 // 32) and all(len(b) == 16 for b in epoch0)
+    flat = [i for b in epoch0 for i in b]
+    assert len(set(flat)) == len(flat) == 1000 // 32 * 32  # no row twice; only the last partial update is dropped
+    assert list(s) == epoch0  # seeded: the same order again
+    s.set_epoch(1)
+    assert list(s) != epoch0
+    # the micro-batches of an update are consecutive in a sorted run: their padded lengths stay near the mean
+    padded = sum(max(lengths[i] for i in b) for b in epoch0) / len(epoch0)
+    plain = list(sft.SeededBatches(lengths, batch_size=16, per_update=2, group=0, seed=1))
+    assert sorted(i for b in plain for i in b) == sorted(flat)
+    padded_plain = sum(max(lengths[i] for i in b) for b in plain) / len(plain)
+    mean = sum(lengths[i] for i in flat) / len(flat)
+    assert padded < mean + 0.2 * (padded_plain - mean)
+
+
+@pytest.mark.parametrize("group", ["0", "2"])
+def test_sft_resume_with_and_without_length_groups(tiny_run_inputs, tmp_path, group):
+    data, model_dir = tiny_run_inputs
+    m = run_sft(data, model_dir, tmp_path / "a", "--group_by_length", group, "--num_train_epochs", "2")
+    b = tmp_path / "b"
+    run_sft(data, model_dir, b, "--group_by_length", group, "--num_train_epochs", "2", "--save_every", "12")
+    assert json.load(open(b / "checkpoint" / "progress.json"))["update"] == 12  # in the second epoch
+    m2 = run_sft(data, model_dir, b, "--group_by_length", group, "--num_train_epochs", "2", "--resume")
+    assert m2["val_loss"] == pytest.approx(m["val_loss"], rel=1e-5)
