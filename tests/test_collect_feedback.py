@@ -127,3 +127,34 @@ def test_two_processes_cover_every_post_once_in_post_order(setup, tmp_path):
     a, b = texts("one"), texts("two")
     assert [a.get(x) for x in first] == [b.get(x) for x in first]  # batch 1: rank 0, the same stream
     assert a != b  # the later batches come from other streams (rank 1's own seed, rank 0's third batch)
+
+
+def test_shared_prompt_prefill_samples_the_tokens_of_separate_prompts(setup):
+    """sample_pairs runs each prompt once and repeats its KV cache: the samples equal those of generate on the
+    prompt repeated k times (left padding of different lengths included), seed for seed."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    task, policy, _ = setup
+    tok = AutoTokenizer.from_pretrained(policy)
+    model = AutoModelForCausalLM.from_pretrained(policy).eval()
+    rows = et.read_jsonl(os.path.join(task, "raw", "comparisons_train.jsonl"))
+    queries = [et.format_query(p["subreddit"], p["title"], p["post"]) for p in cf.unique_posts(rows, 4)]
+    args = cf.Args(response_length=12, pairs_per_post=2, temperature=1.0)
+    torch.manual_seed(3)
+    pairs = cf.sample_pairs(model, tok, queries, args)
+    ids = tok(queries, add_special_tokens=False)["input_ids"]
+    assert len({len(x) for x in ids}) > 1  # the prompts are padded
+    q = cf.left_pad(ids, tok.pad_token_id).repeat_interleave(4, dim=0)
+    mask = q != tok.pad_token_id
+    config = GenerationConfig(max_new_tokens=12, temperature=1.0, top_k=0, top_p=1.0, do_sample=True,
+                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        out = model.generate(input_ids=q.masked_fill(~mask, 0), attention_mask=mask.long(), generation_config=config)
+    texts = []
+    for resp in out[:, q.shape[1]:].tolist():
+        resp = resp[: resp.index(tok.eos_token_id)] if tok.eos_token_id in resp else resp
+        texts.append(tok.decode([t for t in resp if t != tok.pad_token_id]).strip())
+    assert [t for post in pairs for pair in post for t in pair] == texts
+    assert len(set(texts)) > 4  # sampled, not one repeated string
