@@ -35,7 +35,8 @@ METRICS = [
     ("rm_val_accuracy", "RM validation accuracy"),
     ("rm_gold_corr_sft_samples", "RM-gold correlation on SFT samples"),
     ("ppo_final_kl", "PPO final KL"),
-    ("wall_seconds", "pipeline wall time (s)"),
+    ("first_command_seconds", "`python quickstart.py` wall time (s)"),
+    ("wall_seconds", "wall time with the optional DPO stage (s)"),
 ]
 START, END = "<!-- quickstart-seeds:start (benchmark/quickstart_seeds.py) -->", "<!-- quickstart-seeds:end -->"
 
@@ -125,7 +126,7 @@ def table_markdown(summary: dict) -> str:
     for key, label in METRICS:
         mu, sd = summary["mean"][key], summary["std"][key]
         cells = [fmt(summary["per_seed"][s][key]) for s in seeds]
-        sd_text = f"{sd:.0f}" if key == "wall_seconds" and sd is not None else fmt(sd)  # seconds: whole numbers
+        sd_text = f"{sd:.0f}" if key.endswith("_seconds") and sd is not None else fmt(sd)  # seconds: whole numbers
         lines.append(f"| {label} | {fmt(mu)} ± {sd_text} | " + " | ".join(cells) + " |")
     cis = [summary["per_seed"][s]["ppo_minus_sft_ci"] for s in seeds]
     lines.append("| paired 95% CI, PPO minus SFT | | " + " | ".join(

@@ -93,15 +93,16 @@ def test_quickstart_prints_stage_times_and_summary_path_last(tmp_path):
 
     out = tmp_path / "q"
     out.mkdir()
-    (out / "summary.json").write_text(json.dumps({"sft_seconds": 100.0, "rm_seconds": 20.0, "ppo_seconds": 50.5}))
+    (out / "summary.json").write_text(json.dumps({"sft_seconds": 100.0, "rm_seconds": 20.0, "ppo_seconds": 50.5, "dpo_seconds": 9.0}))
     p = subprocess.run([sys.executable, os.path.join(ROOT, "quickstart.py"), "--stages", "", "--out_dir", str(out)],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     lines = p.stdout.strip().splitlines()
     assert lines[-1] == str(out / "summary.json")
-    assert "Wall time per stage" in p.stdout and "170" in p.stdout  # 100 + 20 + 50.5
+    assert "Wall time per stage" in p.stdout and "180" in p.stdout  # 100 + 20 + 50.5 + 9
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["wall_seconds"] == 170.5 and "cores" in summary["machine"]
+    assert summary["wall_seconds"] == 179.5 and "cores" in summary["machine"]
+    assert summary["first_command_seconds"] == 170.5  # the optional DPO stage is not part of the README's command
 
 
 def test_quickstart_splits_each_presets_micro_batch_over_its_processes():
