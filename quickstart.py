@@ -39,6 +39,8 @@ class Args:
     """processes per sampling and training stage: `accelerate launch --multi_gpu --num_processes N` on CPU (gloo, the
     multi-GPU code path), threads split between them; 1 runs each stage as a plain `python X.py`. At size s two
     one-thread processes train 1.46x as many sequences per second as one two-thread process (docs/embedded_task.md)"""
+    rm_lr: float = 0.0
+    """reward model learning rate (0: reward.py's EMBEDDED_LR_BY_SIZE for --size)"""
     stages: str = "task,data,sft,feedback,rm,ppo,judge"
     """comma-separated subset of task,data,sft,feedback,rm,ppo,judge,dpo (dpo is optional: add it to run DPO too)"""
 
@@ -131,6 +133,11 @@ def main(args: Args):
     threads = args.num_threads or min(2, os.cpu_count() or 1)
     per_process = max(1, threads // args.num_processes)
     common = ["--seed", str(args.seed)]
+    import reward
+
+    if args.size not in reward.EMBEDDED_LR_BY_SIZE:
+        raise SystemExit(f"--size: unknown embedded size {args.size!r}; choose from {sorted(reward.EMBEDDED_LR_BY_SIZE)}")
+    rm_lr = args.rm_lr or reward.EMBEDDED_LR_BY_SIZE[args.size]
     commands = {
         "task": [py, "embedded_task.py", "--out_dir", task, "--seed", str(args.seed), "--sizes", args.size],
         "data": [py, "tldr_dataset.py", "--source", "embedded", "--task_dir", task, "--output_dir", data],
@@ -142,7 +149,7 @@ def main(args: Args):
                      [py, "tldr_dataset.py", "--source", "embedded", "--task_dir", task, "--comparisons_dir", feedback,
                       "--output_dir", fdata]],
         "rm": [*go, "reward.py", "--preset", "embedded", "--sft_model_path", sft, "--dataset_path", fdata,
-               "--output_dir", rm, "--gold_task_dir", task, *common,
+               "--output_dir", rm, "--gold_task_dir", task, *common, "--lr", str(rm_lr),
                # also scored on the task's generated comparisons: the same pairs for every size of a seed
                "--fixed_val_dataset_path", data],
         "ppo": [*go, "ppo.py", "--preset", "embedded", "--sft_model_path", sft, "--reward_model_path", rm,

@@ -63,6 +63,14 @@ PAPER = dict(
 EMBEDDED_SIZES = ("s", "m", "l")
 
 
+def embedded_rm_lr(size: str) -> float:
+    """The embedded reward model's learning rate for a size: reward.py's EMBEDDED_LR_BY_SIZE, as in quickstart.py."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import reward
+
+    return reward.EMBEDDED_LR_BY_SIZE[size]
+
+
 @dataclass
 class Args:
     mode: Literal["real", "embedded"] = "real"
@@ -212,6 +220,7 @@ def embedded_commands(args: Args, size: str, seed: int, stages: List[str]) -> Li
     if "rm" in stages:
         cmds.append((run_name("rm", size, seed), [py, "reward.py", "--preset", "embedded", "--base_model",
                      os.path.join(task, f"base-{size}"), "--sft_model_path", d["sft"], "--output_dir", d["rm"], *rl_common,
+                     "--lr", str(embedded_rm_lr(size)),
                      *opt("--num_train_pairs", args.rm_train_pairs), *opt("--num_val_pairs", args.rm_val_pairs)]))
     if "ppo" in stages:
         cmds.append((run_name("ppo", size, seed), [py, "ppo.py", "--preset", "embedded", "--sft_model_path", d["sft"],

@@ -105,6 +105,27 @@ def test_quickstart_prints_stage_times_and_summary_path_last(tmp_path):
     assert summary["first_command_seconds"] == 170.5  # the optional DPO stage is not part of the README's command
 
 
+def test_quickstart_passes_the_reward_models_step_by_size(tmp_path):
+    """quickstart.py gives reward.py the size's learning rate (3e-4 at l, 1e-3 at s and m) unless --rm_lr is set, and
+    rejects an unknown size by name before any stage runs."""
+    import subprocess
+
+    def rm_command(*flags):
+        p = subprocess.run([sys.executable, os.path.join(ROOT, "quickstart.py"), "--stages", "rm", "--num_processes", "1",
+                            "--out_dir", str(tmp_path / "q"), *flags], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                           env=dict(os.environ, COLUMNS="4000"))  # rich prints the command on one line
+        assert p.returncode != 0  # no SFT model in the empty folder: the stage fails after its command is printed
+        line = next(ln for ln in p.stdout.splitlines() if "reward.py" in ln)
+        return line.split()[line.split().index("--lr") + 1]
+
+    assert float(rm_command("--size", "l")) == 3e-4
+    assert float(rm_command("--size", "s")) == 1e-3
+    assert float(rm_command("--size", "l", "--rm_lr", "5e-4")) == 5e-4
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "quickstart.py"), "--stages", "", "--size", "xl",
+                        "--out_dir", str(tmp_path / "x")], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert p.returncode != 0 and "--size" in p.stderr and "xl" in p.stderr
+
+
 def test_quickstart_splits_each_presets_micro_batch_over_its_processes():
     """--num_processes N launches the sampling and training stages with accelerate (gloo on CPU) and divides each
     embedded preset's micro-batch by N, so that the global micro-batch and the accumulation steps stay the preset's."""
