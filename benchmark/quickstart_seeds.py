@@ -2,7 +2,7 @@
 mean ± std over seeds, each seed's paired PPO-minus-SFT confidence interval and PPO's win rate minus SFT's per
 summary-length bin (Detail 34, pooled over seeds) to a JSON file, and the README's results table from that file.
 
-    python benchmark/quickstart_seeds.py --seeds 1,2,3          # ~15 min a seed on 2 idle CPU cores
+    python benchmark/quickstart_seeds.py --seeds 1,2,3          # ~11 min a seed at s on 2 idle CPU cores
     python benchmark/quickstart_seeds.py --no-run               # only re-read finished runs and rewrite the outputs
 
 Each seed's pipeline lands in `{out_root}/seed{N}` (its `summary.json` is what is read).
