@@ -1198,7 +1198,7 @@ def pack_tokens(tokenizer, texts: Sequence[str], block: int) -> "torch.Tensor":
 
 
 def pretrain(size: str, tokenizer, texts: Sequence[str], out_dir: str, seed: int, steps: Optional[int] = None,
-             batch_size: int = 8, block: int = 256, log=print, num_threads: int = 0) -> dict:
+             batch_size: int = 8, block: int = 256, log=print, num_threads: int = 0, bf16: bool = False) -> dict:
     import torch
     from transformers import GPTNeoXForCausalLM
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -1222,7 +1222,8 @@ def pretrain(size: str, tokenizer, texts: Sequence[str], out_dir: str, seed: int
     def val_loss():
         model.eval()
         with torch.no_grad():
-            ls = [model(input_ids=val[i:i + 16], labels=val[i:i + 16]).loss.item() for i in range(0, len(val), 16)]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                ls = [model(input_ids=val[i:i + 16], labels=val[i:i + 16]).loss.item() for i in range(0, len(val), 16)]
         model.train()
         return sum(ls) / len(ls)
     losses = []
@@ -1239,7 +1240,9 @@ def pretrain(size: str, tokenizer, texts: Sequence[str], out_dir: str, seed: int
                 perm, pos = torch.randperm(len(train), generator=g), 0
             x = train[perm[pos:pos + batch_size]]
             pos += batch_size
-            loss = model(input_ids=x, labels=x).loss
+            # bf16: CPU autocast (fp32 weights and optimizer, bf16 matrix products), as the GPU runs' mixed precision
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = model(input_ids=x, labels=x).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -1253,7 +1256,7 @@ def pretrain(size: str, tokenizer, texts: Sequence[str], out_dir: str, seed: int
     tokenizer.save_pretrained(out_dir)
     info = dict(size=size, n_params=n_params, steps=steps, batch_size=batch_size, block=block, lr=spec["lr"],
                 train_tokens=steps * batch_size * block, first_loss=losses[0], final_train_loss=sum(losses[-20:]) / len(losses[-20:]),
-                val_loss_init=v0, val_loss=v1, seconds=secs, num_threads=threads, config=cfg.to_dict())
+                val_loss_init=v0, val_loss=v1, seconds=secs, num_threads=threads, bf16=bf16, config=cfg.to_dict())
     log(f"base-{size}: {n_params / 1e6:.2f}M params, loss {losses[0]:.3f} -> {info['final_train_loss']:.3f}, "
         f"val {v0:.3f} -> {v1:.3f}, {secs:.0f}s")
     return info
@@ -1286,6 +1289,9 @@ class Args:
     target_agreement: float = 0.75
     num_threads: int = 0
     """torch threads for pretraining (0 = min(2, cores); 1 on a machine busy with other jobs)"""
+    bf16: bool = False
+    """pretrain under CPU bf16 autocast (the GPU runs' mixed precision; on an AVX512-BF16 CPU base-m pretrains 1.4x
+    faster, but its SFT is no faster and scored lower: docs/embedded_task.md)"""
     force: bool = False
     """rebuild every part even when it exists with the same config"""
 
@@ -1315,6 +1321,10 @@ def _write_json(path: str, obj) -> None:
 
 
 def build(args: Args, log=print) -> dict:
+    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    for s in sizes:
+        if s not in MODEL_SIZES:
+            raise ValueError(f"--sizes: unknown size {s!r} (choose from {sorted(MODEL_SIZES)})")
     out = args.out_dir
     os.makedirs(out, exist_ok=True)
     cfg = GenConfig(seed=args.seed, n_sft_train=args.n_sft_train, n_sft_val=args.n_sft_val, n_sft_test=args.n_sft_test,
@@ -1370,17 +1380,14 @@ def build(args: Args, log=print) -> dict:
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(tok_dir)
 
-    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
-    for s in sizes:
-        if s not in MODEL_SIZES:
-            raise ValueError(f"--sizes: unknown size {s!r} (choose from {sorted(MODEL_SIZES)})")
     base = task.setdefault("base_models", {})
     for i, s in enumerate(sizes):
         mdir = os.path.join(out, f"base-{s}")
         # content hashes: a rebuilt but identical tokenizer / corpus does not force a new pretraining run
         stamp = _stamp([_file_hash(os.path.join(tok_dir, "tokenizer.json")),
                         _file_hash(os.path.join(out, "gold/pretrain_texts.jsonl")), args.seed, MODEL_SIZES[s],
-                        args.pretrain_steps, args.pretrain_batch_size, args.pretrain_block])
+                        args.pretrain_steps, args.pretrain_batch_size, args.pretrain_block]
+                       + (["bf16"] if args.bf16 else []))  # fp32 stamps stay those of earlier builds
         prev = _read_json(os.path.join(mdir, "pretrain.json")) or {}
         if not args.force and prev.get("stamp") == stamp and os.path.exists(os.path.join(mdir, "model.safetensors")):
             base[s] = prev
@@ -1389,7 +1396,7 @@ def build(args: Args, log=print) -> dict:
         texts = [json.loads(line)["text"] for line in open(os.path.join(out, "gold/pretrain_texts.jsonl"), encoding="utf-8")]
         info = pretrain(s, tok, texts, mdir, seed=args.seed * 1000 + i, steps=args.pretrain_steps or None,
                         batch_size=args.pretrain_batch_size, block=args.pretrain_block, log=log,
-                        num_threads=args.num_threads)
+                        num_threads=args.num_threads, bf16=args.bf16)
         info["stamp"] = stamp
         info.pop("config")
         base[s] = info

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import tyro
 from rich.console import Console
@@ -39,6 +40,9 @@ class Args:
     """processes per sampling and training stage: `accelerate launch --multi_gpu --num_processes N` on CPU (gloo, the
     multi-GPU code path), threads split between them; 1 runs each stage as a plain `python X.py`. At size s two
     one-thread processes train 1.46x as many sequences per second as one two-thread process (docs/embedded_task.md)"""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """bf16: CPU bf16 autocast in pretraining, SFT, RM, PPO and DPO (the GPU runs' mixed precision, end to end; the
+    feedback sampling stays fp32). Not faster here: at m, SFT 511 s against 520 s and a lower SFT win rate (one seed)"""
     rm_lr: float = 0.0
     """reward model learning rate (0: reward.py's EMBEDDED_LR_BY_SIZE for --size)"""
     stages: str = "task,data,sft,feedback,rm,ppo,judge"
@@ -118,15 +122,15 @@ def fact_rates(judge, run_dir: str) -> dict:
     return judge.fact_rates([r["query"] for r in rows], [r["response"] for r in rows])
 
 
-def main(args: Args):
-    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-    unknown = set(stages) - set(STAGES)
-    if unknown:
-        raise SystemExit(f"--stages: unknown {sorted(unknown)}; choose from {STAGES}")
+def run_paths(o: str) -> tuple:
+    """The stage folders of a run: task, dataset, sft, rm, ppo, dpo, feedback, dataset_feedback."""
+    return tuple(os.path.join(o, x) for x in ("task", "dataset", "sft", "rm", "ppo", "dpo", "feedback", "dataset_feedback"))
+
+
+def stage_commands(args: Args) -> tuple:
+    """Every stage's command line(s), the environment, the threads of a launched process and the launched stages."""
     o = args.out_dir
-    task, data, sft, rm, ppo, dpo = (os.path.join(o, x) for x in ("task", "dataset", "sft", "rm", "ppo", "dpo"))
-    feedback, fdata = os.path.join(o, "feedback"), os.path.join(o, "dataset_feedback")
-    os.makedirs(o, exist_ok=True)
+    task, data, sft, rm, ppo, dpo, feedback, fdata = run_paths(o)
     if args.num_processes < 1:
         raise SystemExit(f"--num_processes must be at least 1 (got {args.num_processes})")
     py, go = sys.executable, launcher(args.num_processes)  # go: the stages that sample or train
@@ -138,6 +142,7 @@ def main(args: Args):
     if args.size not in reward.EMBEDDED_LR_BY_SIZE:
         raise SystemExit(f"--size: unknown embedded size {args.size!r}; choose from {sorted(reward.EMBEDDED_LR_BY_SIZE)}")
     rm_lr = args.rm_lr or reward.EMBEDDED_LR_BY_SIZE[args.size]
+    bf16 = args.precision == "bf16"
     commands = {
         "task": [py, "embedded_task.py", "--out_dir", task, "--seed", str(args.seed), "--sizes", args.size],
         "data": [py, "tldr_dataset.py", "--source", "embedded", "--task_dir", task, "--output_dir", data],
@@ -166,10 +171,26 @@ def main(args: Args):
         env["OMP_NUM_THREADS"] = str(args.num_threads)
         commands["task"] += ["--num_threads", str(args.num_threads)]
     commands["ppo"] += ["--num_threads", str(per_process)]
+    if bf16:
+        commands["task"] += ["--bf16"]
+        for stage in ("sft", "rm", "ppo", "dpo"):
+            commands[stage] += ["--bf16_on_cpu"]
     launched = {"sft", "feedback", "rm", "ppo", "dpo"}
     if args.num_processes > 1:
         for stage, flags in split_micro_batches(args.num_processes).items():
             commands[stage] += flags
+    return commands, env, per_process, launched, bf16
+
+
+def main(args: Args):
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        raise SystemExit(f"--stages: unknown {sorted(unknown)}; choose from {STAGES}")
+    o = args.out_dir
+    task, data, sft, rm, ppo, dpo, feedback, fdata = run_paths(o)
+    commands, env, per_process, launched, bf16 = stage_commands(args)
+    os.makedirs(o, exist_ok=True)
     start = time.time()
     seconds = {}
     for stage in STAGES:
@@ -218,6 +239,7 @@ def main(args: Args):
     default_stages = Args.__dataclass_fields__["stages"].default.split(",")
     summary["first_command_seconds"] = round(sum(summary.get(f"{st}_seconds", 0.0) for st in default_stages), 1)
     summary["seed"], summary["size"], summary["num_processes"] = args.seed, args.size, args.num_processes
+    summary["precision"] = "bf16" if bf16 else "fp32"
     summary["machine"] = f"{platform.node()} ({os.cpu_count()} cores, {cpu_model()})"
     with open(os.path.join(o, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)

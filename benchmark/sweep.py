@@ -127,6 +127,8 @@ class Args:
     """embedded feedback stage: posts whose SFT samples the raters compare (None: collect_feedback.py's default)"""
     threads: int = 1
     """OMP_NUM_THREADS / torch threads of every embedded process"""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """embedded: bf16 trains every stage and pretrains the base models under CPU bf16 autocast (quickstart.py --precision)"""
 
 
 def parse_list(s: str, default: str) -> List[str]:
@@ -206,11 +208,12 @@ def embedded_commands(args: Args, size: str, seed: int, stages: List[str]) -> Li
     # with the feedback stage, the RM and PPO read the preference set built from the SFT model's own samples
     rl_common = ["--dataset_path", d["fdata"], *common[2:]] if "feedback" in stages else common
     opt = lambda flag, v: [] if v is None else [flag, str(v)]  # noqa: E731
+    bf16 = ["--bf16_on_cpu"] if args.precision == "bf16" else []  # the training stages' precision
     cmds = []
     if "sft" in stages:
         cmds.append((run_name("sft", size, seed), [py, "sft.py", "--preset", "embedded", "--base_model",
                      os.path.join(task, f"base-{size}"), "--output_dir", d["sft"], *common, "--save_every", "0",
-                     "--no-eval-base"]))
+                     "--no-eval-base", *bf16]))
     if "feedback" in stages:
         cmds.append((run_name("feedback", size, seed), [py, "collect_feedback.py", "--task_dir", task, "--policy_path",
                      d["sft"], "--output_dir", d["feedback"], *opt("--num_train_posts", args.feedback_posts),
@@ -221,12 +224,12 @@ def embedded_commands(args: Args, size: str, seed: int, stages: List[str]) -> Li
         cmds.append((run_name("rm", size, seed), [py, "reward.py", "--preset", "embedded", "--base_model",
                      os.path.join(task, f"base-{size}"), "--sft_model_path", d["sft"], "--output_dir", d["rm"], *rl_common,
                      "--lr", str(embedded_rm_lr(size)),
-                     *opt("--num_train_pairs", args.rm_train_pairs), *opt("--num_val_pairs", args.rm_val_pairs)]))
+                     *opt("--num_train_pairs", args.rm_train_pairs), *opt("--num_val_pairs", args.rm_val_pairs), *bf16]))
     if "ppo" in stages:
         cmds.append((run_name("ppo", size, seed), [py, "ppo.py", "--preset", "embedded", "--sft_model_path", d["sft"],
                      "--reward_model_path", d["rm"], "--output_dir", d["ppo"], *rl_common,
                      *opt("--total_episodes", args.ppo_total_episodes), "--save_every", "0", "--no-save-model",
-                     "--num_threads", str(args.threads)]))
+                     "--num_threads", str(args.threads), *bf16]))
     judge = lambda cand, out: [py, "eval_gpt_judge.py", "--preset", "embedded", "--judge", "gold",  # noqa: E731
                                "--gold_task_dir", task, "--samples", os.path.join(cand, "eval_samples.jsonl"),
                                "--compare_samples", os.path.join(d["sft"], "eval_samples.jsonl"),
@@ -236,7 +239,7 @@ def embedded_commands(args: Args, size: str, seed: int, stages: List[str]) -> Li
     if "dpo" in stages:
         cmds.append((run_name("dpo", size, seed), [py, "dpo.py", "--preset", "embedded", "--sft_model_path", d["sft"],
                      "--output_dir", d["dpo"], *rl_common, *opt("--num_train_pairs", args.dpo_train_pairs),
-                     "--no-eval-reference"]))
+                     "--no-eval-reference", *bf16]))
         if "judge" in stages:
             cmds.append((run_name("judge_dpo", size, seed), judge(d["dpo"], d["judge_dpo"])))
     return cmds
@@ -252,7 +255,7 @@ def data_commands(args: Args) -> List[Tuple[str, List[str]]]:
     task = args.task_dir or os.path.join(o, "task")
     py = sys.executable
     return [("task", [py, "embedded_task.py", "--out_dir", task, "--seed", str(args.task_seed), "--sizes", "s,m,l",
-                      "--num_threads", str(args.threads)]),
+                      "--num_threads", str(args.threads), *(["--bf16"] if args.precision == "bf16" else [])]),
             ("data", [py, "tldr_dataset.py", "--source", "embedded", "--task_dir", task, "--output_dir", data]
              + ([] if args.max_rows is None else ["--max_rows", str(args.max_rows)]))]
 

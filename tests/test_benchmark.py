@@ -208,6 +208,20 @@ def test_embedded_plan_feedback_and_shrink_flags(tmp_path):
     assert f["ppo_s_1"]["total_episodes"] == "640" and f["rm_s_1"]["num_train_pairs"] == "300"
 
 
+def test_embedded_plan_passes_the_precision(tmp_path):
+    """--precision bf16 pretrains the base models (--bf16) and trains every size's SFT, RM, PPO and DPO under CPU bf16
+    autocast (--bf16_on_cpu), as quickstart.py; the default fp32 passes neither."""
+    def plan(precision):
+        setup, chains = sweep.plan(sweep.Args(mode="embedded", sizes="s,m", seeds="1", stages="data,sft,rm,ppo,dpo",
+                                              out_dir=str(tmp_path / precision), precision=precision))
+        return dict(setup)["task"], {name: "--bf16_on_cpu" in argv for chain in chains for name, argv in chain}
+
+    task, bf = plan("bf16")
+    assert "--bf16" in task and all(bf.values()) and len(bf) == 8
+    task, fp = plan("fp32")
+    assert "--bf16" not in task and not any(fp.values())
+
+
 # ---------------------------------------------------------------------------------------------- report
 
 

@@ -356,3 +356,27 @@ def test_pretraining_edits_restate_the_posts_own_facts():
                 assert set(found[slot]) <= set(in_post[slot]), (slot, last)
             assert set(found["durations"]) <= set(in_post["durations"]) and set(found["ages"]) <= set(in_post["ages"])
     assert all("TL;DR" not in t for t in texts)
+
+
+def test_bf16_pretraining_runs_under_autocast(tmp_path, monkeypatch):
+    """bf16=True pretrains under CPU bf16 autocast: the matrix products run in bf16 (a different, still falling loss
+    from the fp32 run of the same seed), the weights stay fp32, and pretrain.json records the precision."""
+    import torch
+    from transformers import AutoTokenizer
+    texts = [et.format_pretrain_text(r["subreddit"], r["title"], r["post"])
+             for r in (et.make_post(2, "pre", i, set()) for i in range(120))]
+    et.train_tokenizer(texts, 600, str(tmp_path / "tok"))
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    seen = []
+    real_linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda x, w, b=None: seen.append(real_linear(x, w, b).dtype) or real_linear(x, w, b))
+    kw = dict(seed=1, steps=20, batch_size=4, block=64, log=lambda *x: None, num_threads=1)
+    a = et.pretrain("s", tok, texts, str(tmp_path / "a"), bf16=True, **kw)
+    assert torch.bfloat16 in seen
+    seen.clear()
+    b = et.pretrain("s", tok, texts, str(tmp_path / "b"), **kw)
+    assert torch.bfloat16 not in seen
+    assert a["bf16"] is True and b["bf16"] is False
+    assert a["val_loss"] < a["val_loss_init"] - 0.5 and a["final_train_loss"] != b["final_train_loss"]
+    from transformers import GPTNeoXForCausalLM
+    assert GPTNeoXForCausalLM.from_pretrained(str(tmp_path / "a")).gpt_neox.embed_in.weight.dtype == torch.float32

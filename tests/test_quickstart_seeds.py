@@ -146,3 +146,24 @@ def test_quickstart_splits_each_presets_micro_batch_over_its_processes():
     assert quickstart.launcher(1) == [sys.executable]
     launch = quickstart.launcher(2)
     assert launch[1:3] == ["-m", "accelerate.commands.launch"] and launch[launch.index("--num_processes") + 1] == "2"
+
+
+def test_quickstart_passes_the_precision_to_every_training_stage():
+    """--precision bf16 pretrains the base model (--bf16) and trains SFT, RM, PPO and DPO under CPU bf16 autocast
+    (--bf16_on_cpu); the feedback sampling stays fp32; the default fp32 passes neither; another value is refused."""
+    import subprocess
+
+    sys.path.insert(0, ROOT)
+    import quickstart
+
+    def cmds(**kw):
+        commands = quickstart.stage_commands(quickstart.Args(num_processes=1, **kw))[0]
+        return {st: c if isinstance(c[0], str) else [x for part in c for x in part] for st, c in commands.items()}
+
+    bf = cmds(size="m", precision="bf16")
+    assert "--bf16" in bf["task"]
+    assert {st for st, c in bf.items() if "--bf16_on_cpu" in c} == {"sft", "rm", "ppo", "dpo"}
+    assert not any("--bf16_on_cpu" in c or "--bf16" in c for c in cmds(size="m").values())
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "quickstart.py"), "--stages", "", "--precision", "fp16"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert p.returncode != 0 and "--precision" in p.stderr
