@@ -83,8 +83,10 @@ def summarise(per_seed: Dict[int, dict], machine: str) -> dict:
         out["std"][key] = float(np.std(xs)) if xs else None
     for seed, s in sorted(per_seed.items()):
         out["per_seed"][str(seed)] = {k: s.get(k) for k, _ in METRICS}
-        for key in ("dpo_gold_win_rate", "rm_fixed_val_accuracy"):  # kept where the run has them, not in the README table
-            if s.get(key) is not None:  # the optional DPO stage; the RM on the task's fixed pairs (newer runs)
+        # kept where the run has them, not in the README table: the optional DPO stage; the RM on the task's fixed pairs
+        # and its agreement with the gold judge on its own validation pairs (newer runs)
+        for key in ("dpo_gold_win_rate", "rm_fixed_val_accuracy", "rm_gold_agreement"):
+            if s.get(key) is not None:
                 out["per_seed"][str(seed)][key] = s[key]
         out["per_seed"][str(seed)].update(ppo_minus_sft_ci=[s.get("judge_diff_win_rate_ci_low"),
                                                             s.get("judge_diff_win_rate_ci_high")])

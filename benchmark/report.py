@@ -475,6 +475,8 @@ def sweep_summary(runs, sweep_dir: str, num_bins: int = 10, timing: Optional[dic
         for key, xs in (("rm_val_accuracy", values(runs, "rm", s, "val_accuracy")),
                         ("rm_fixed_val_accuracy", values(runs, "rm", s, "val_fixed_accuracy")),
                         ("rm_fixed_gold_agreement", values(runs, "rm", s, "fixed_gold_agreement")),
+                        # the RM's agreement with the gold judge on its own validation pairs (the raters' labels' truth)
+                        ("rm_gold_agreement", values(runs, "rm", s, "gold_agreement")),
                         ("sft_win_rate", wr["SFT"]),
                         ("ppo_win_rate", wr["PPO"]), ("dpo_win_rate", wr["DPO"]),
                         ("final_kl", values(runs, "ppo", s, "final_kl")),
@@ -526,7 +528,8 @@ def collect_seed_files(files: List[str]):
             if seed in runs["judge_ppo"].get(size, {}):
                 raise ValueError(f"--seed_files: size {size} seed {seed} appears twice ({f!r})")
             runs["rm"][size][seed] = {"metrics": {"val_accuracy": r.get("rm_val_accuracy"),
-                                                  "val_fixed_accuracy": r.get("rm_fixed_val_accuracy")}}
+                                                  "val_fixed_accuracy": r.get("rm_fixed_val_accuracy"),
+                                                  "gold_agreement": r.get("rm_gold_agreement")}}
             runs["sft"][size][seed] = {"metrics": {"gold_win_rate": r.get("sft_gold_win_rate"),
                                                    "eval_gold_score": r.get("sft_gold_score")}}
             runs["ppo"][size][seed] = {"metrics": {"gold_win_rate": r.get("ppo_gold_win_rate"), "final_kl": r.get("ppo_final_kl"),

@@ -445,6 +445,7 @@ def test_report_json_from_seed_files(tmp_path):
                     for k in seeds}
         if size == "s":
             per_seed[str(seeds[0])]["dpo_gold_win_rate"] = 0.4
+            per_seed[str(seeds[0])]["rm_gold_agreement"] = 0.7
         d = {"size": size, "seeds": seeds, "machine": f"box {size}", "per_seed": per_seed}
         if bins:
             d["by_length_bin"] = bins
@@ -472,6 +473,7 @@ def test_report_json_from_seed_files(tmp_path):
     assert m["sft_win_rate_mean"] == pytest.approx(0.4) and m["ppo_win_rate_std"] == pytest.approx(0.1 * (2 / 3) ** 0.5)
     assert m["ppo_vs_sft_ci_low"] == pytest.approx([0.01, 0.02, 0.03]) and m["dpo_win_rate_mean"] is None
     assert js["sizes"]["s"]["dpo_win_rate_mean"] == pytest.approx(0.4) and js["wall_seconds"] == pytest.approx(60.0)
+    assert js["sizes"]["s"]["rm_gold_agreement_mean"] == pytest.approx(0.7) and m["rm_gold_agreement_mean"] is None
     # two common bins: PPO (2 + 0) / 10 - SFT (4 + 1) / 20 = -0.05; PPO (18 + 10) / 40 - SFT (5 + 5) / 20 = 0.2
     runs, _ = report.collect_seed_files(files)
     assert report.sweep_summary(runs, "", num_bins=2)["ppo_minus_sft_by_length_bin"] == pytest.approx([-0.05, 0.2])
