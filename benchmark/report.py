@@ -511,6 +511,31 @@ def sweep_summary(runs, sweep_dir: str, num_bins: int = 10, timing: Optional[dic
     return out
 
 
+# the numbers a rerun of a seed must reproduce (same seed, same presets: the same result on any machine measured so far)
+RERUN_KEYS = ("sft_gold_win_rate", "ppo_gold_win_rate", "rm_val_accuracy", "ppo_minus_sft_ci")
+
+
+def merge_rerun(runs, size: str, seed: int, r: dict, path: str) -> None:
+    """A seed file's rerun of a seed read already: its headline numbers must be the same (else an error naming both);
+    what the first file lacks (DPO, the RM's fixed-pair accuracy and gold agreement) is taken from the rerun. Its time
+    and length bins are not counted again."""
+    judge = runs["judge_ppo"][size][seed]["metrics"]
+    first = {"sft_gold_win_rate": judge["compare_win_rate"], "ppo_gold_win_rate": judge["win_rate"],
+             "rm_val_accuracy": runs["rm"][size][seed]["metrics"]["val_accuracy"],
+             "ppo_minus_sft_ci": judge["diff_win_rate_ci_low"]}
+    again = dict(r, ppo_minus_sft_ci=(r.get("ppo_minus_sft_ci") or [None])[0])
+    differ = [k for k in RERUN_KEYS if first[k] is not None and again.get(k) is not None
+              and abs(float(first[k]) - float(again[k])) > 1e-9]
+    if differ:
+        raise ValueError(f"--seed_files: size {size} seed {seed} appears twice with different results ({differ}; {path!r})")
+    rm = runs["rm"][size][seed]["metrics"]
+    for key, name in (("val_fixed_accuracy", "rm_fixed_val_accuracy"), ("gold_agreement", "rm_gold_agreement")):
+        if rm.get(key) is None and r.get(name) is not None:
+            rm[key] = r[name]
+    if seed not in runs["dpo"].get(size, {}) and r.get("dpo_gold_win_rate") is not None:
+        runs["dpo"][size][seed] = {"metrics": {"gold_win_rate": r["dpo_gold_win_rate"]}}
+
+
 def collect_seed_files(files: List[str]):
     """The same runs[stage][size][seed] from benchmark/quickstart_seeds.py outputs (one size a file; the seeds of a
     size may be split over files) and their timing. The files keep each seed's headline numbers, not its training
@@ -523,10 +548,15 @@ def collect_seed_files(files: List[str]):
         if d is None or "size" not in d or not isinstance(d.get("per_seed"), dict):
             raise ValueError(f"--seed_files: {f!r} is not a JSON file written by benchmark/quickstart_seeds.py")
         size = str(d["size"])
+        known = [int(k) for k in d["per_seed"] if int(k) in runs["judge_ppo"].get(size, {})]
+        if known:  # a rerun of seeds read already (another machine, or with DPO added): it must reproduce them
+            if len(known) < len(d["per_seed"]):
+                raise ValueError(f"--seed_files: {f!r} mixes seeds of size {size} read already ({known}) with new ones")
+            for seed in known:
+                merge_rerun(runs, size, seed, d["per_seed"][str(seed)], f)
+            continue
         for j, (seed, r) in enumerate(sorted(d["per_seed"].items(), key=lambda kv: int(kv[0]))):
             seed = int(seed)
-            if seed in runs["judge_ppo"].get(size, {}):
-                raise ValueError(f"--seed_files: size {size} seed {seed} appears twice ({f!r})")
             runs["rm"][size][seed] = {"metrics": {"val_accuracy": r.get("rm_val_accuracy"),
                                                   "val_fixed_accuracy": r.get("rm_fixed_val_accuracy"),
                                                   "gold_agreement": r.get("rm_gold_agreement")}}

@@ -478,8 +478,20 @@ def test_report_json_from_seed_files(tmp_path):
     runs, _ = report.collect_seed_files(files)
     assert report.sweep_summary(runs, "", num_bins=2)["ppo_minus_sft_by_length_bin"] == pytest.approx([-0.05, 0.2])
     assert js["machine"] == "box m; box s"
-    with pytest.raises(ValueError, match="appears twice"):
-        report.collect_seed_files(files + [files[0]])
+    # a rerun of m seed 3 with the same results and DPO added: merged, its time and length bins not counted again
+    rerun = json.loads(open(files[2]).read())
+    rerun["per_seed"]["3"].update(dpo_gold_win_rate=0.66, rm_gold_agreement=0.8)
+    (tmp_path / "m3_dpo.json").write_text(json.dumps(rerun))
+    runs2, timing2 = report.collect_seed_files(files + [str(tmp_path / "m3_dpo.json")])
+    assert runs2["dpo"]["m"][3]["metrics"]["gold_win_rate"] == 0.66 and runs2["rm"]["m"][3]["metrics"]["gold_agreement"] == 0.8
+    assert timing2["wall_seconds"] == pytest.approx(60.0)
+    assert report.sweep_summary(runs2, "", num_bins=2)["ppo_minus_sft_by_length_bin"] == pytest.approx([-0.05, 0.2])
+    rerun["per_seed"]["3"]["ppo_gold_win_rate"] = 0.9
+    (tmp_path / "m3_other.json").write_text(json.dumps(rerun))
+    with pytest.raises(ValueError, match="appears twice with different results"):
+        report.collect_seed_files(files + [str(tmp_path / "m3_other.json")])
+    with pytest.raises(ValueError, match="mixes seeds"):
+        report.collect_seed_files(files[1:] + [files[0]] + [seed_file("m1234.json", "m", [1, 2, 3, 4])])
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ValueError, match="bad.json"):
         report.collect_seed_files([str(tmp_path / "bad.json")])
