@@ -1291,7 +1291,7 @@ class Args:
     """torch threads for pretraining (0 = min(2, cores); 1 on a machine busy with other jobs)"""
     bf16: bool = False
     """pretrain under CPU bf16 autocast (the GPU runs' mixed precision; on an AVX512-BF16 CPU base-m pretrains 1.4x
-    faster, but its SFT is no faster and scored lower: docs/embedded_task.md)"""
+    faster, but the pipeline only 5%: docs/embedded_task.md)"""
     force: bool = False
     """rebuild every part even when it exists with the same config"""
 

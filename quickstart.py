@@ -42,7 +42,7 @@ class Args:
     one-thread processes train 1.46x as many sequences per second as one two-thread process (docs/embedded_task.md)"""
     precision: Literal["fp32", "bf16"] = "fp32"
     """bf16: CPU bf16 autocast in pretraining, SFT, RM, PPO and DPO (the GPU runs' mixed precision, end to end; the
-    feedback sampling stays fp32). Not faster here: at m, SFT 511 s against 520 s and a lower SFT win rate (one seed)"""
+    feedback sampling stays fp32). Not faster here: at m seed 1 the pipeline took 1,163 s against 1,229 s (docs/embedded_task.md)"""
     rm_lr: float = 0.0
     """reward model learning rate (0: reward.py's EMBEDDED_LR_BY_SIZE for --size)"""
     stages: str = "task,data,sft,feedback,rm,ppo,judge"
