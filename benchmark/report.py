@@ -490,6 +490,8 @@ def sweep_summary(runs, sweep_dir: str, num_bins: int = 10, timing: Optional[dic
         entry["seeds"] = {st: sorted(runs.get(st, {}).get(s, {})) for st in ("sft", "rm", "ppo", "dpo", "judge_ppo")}
         entry["seeds"]["rm_fixed"] = sorted(k for k, r in runs.get("rm", {}).get(s, {}).items()
                                            if finite(r["metrics"].get("val_fixed_accuracy")))
+        entry["seeds"]["rm_gold"] = sorted(k for k, r in runs.get("rm", {}).get(s, {}).items()
+                                          if finite(r["metrics"].get("gold_agreement")))
         out["sizes"][s] = entry
     # Detail 34 length bins, pooled over sizes and seeds: PPO's win rate minus SFT's in each bin
     rng = length_range(runs)
@@ -660,18 +662,25 @@ def write_readme_block(path: str, summary: dict, json_path: str) -> None:
     if README_START not in text or README_END not in text:
         raise ValueError(f"--readme: {path} lacks the markers {README_START!r} ... {README_END!r}")
     def cell(e, key, seeds="ppo"):
-        mu, sd = e.get(f"{key}_mean"), e.get(f"{key}_std")
-        return "-" if mu is None else (f"{mu:.3f} ± {sd:.3f}" if len(e["seeds"].get(seeds, [])) > 1 else f"{mu:.3f}")
+        mu, sd, got = e.get(f"{key}_mean"), e.get(f"{key}_std"), e["seeds"].get(seeds, [])
+        if mu is None:
+            return "-"
+        text = f"{mu:.3f} ± {sd:.3f}" if len(got) > 1 else f"{mu:.3f}"
+        # a metric that only some seeds have says which
+        return text if got == e["seeds"]["ppo"] else f"{text} [seed{'s' if len(got) > 1 else ''} {','.join(map(str, got))}]"
 
     fixed = any(e.get("rm_fixed_val_accuracy_mean") is not None for e in summary["sizes"].values())
-    lines = ["| size | seeds | RM val accuracy" + (" (fixed pairs)" if fixed else "") + " | SFT win rate | PPO win rate | "
-             "DPO win rate | PPO - SFT, paired CI low per seed | final KL |", "|---|---|---|---|---|---|---|---|"]
+    gold = any(e.get("rm_gold_agreement_mean") is not None for e in summary["sizes"].values())
+    lines = ["| size | seeds | RM val accuracy" + (" (fixed pairs)" if fixed else "") + (" | RM gold agreement" if gold else "")
+             + " | SFT win rate | PPO win rate | DPO win rate | PPO - SFT, paired CI low per seed | final KL |",
+             "|---|---|---|" + ("---|" if gold else "") + "---|---|---|---|---|"]
     for size, e in summary["sizes"].items():
         lows = ", ".join(f"{x:+.3f}" for x in e["ppo_vs_sft_ci_low"]) or "-"
         seeds = ",".join(map(str, e["seeds"]["ppo"]))
         rm = cell(e, "rm_val_accuracy") + (f" ({cell(e, 'rm_fixed_val_accuracy', 'rm_fixed')})" if fixed else "")
+        rm += f" | {cell(e, 'rm_gold_agreement', 'rm_gold')}" if gold else ""
         lines.append(f"| {size} | {seeds} | {rm} | {cell(e, 'sft_win_rate')} | {cell(e, 'ppo_win_rate')} | "
-                     f"{cell(e, 'dpo_win_rate')} | {lows} | {cell(e, 'final_kl')} |")
+                     f"{cell(e, 'dpo_win_rate', 'dpo')} | {lows} | {cell(e, 'final_kl')} |")
     bins = ", ".join("-" if b is None else f"{b:+.2f}" for b in summary.get("ppo_minus_sft_by_length_bin", []))
     lines.append(f"\nMean ± std over seeds from `{json_path}` ({summary.get('machine')}); PPO minus SFT win rate per "
                  f"length bin (Detail 34, shortest first, pooled): {bins}.")

@@ -428,8 +428,8 @@ def test_report_reads_quickstart_folders(tmp_path):
     assert js["sizes"]["m"]["rm_fixed_gold_agreement_mean"] == pytest.approx(0.7)
     assert js["sizes"]["s"]["seeds"]["rm_fixed"] == [1] and js["sizes"]["m"]["seeds"]["rm_fixed"] == [1, 2]
     text = readme.read_text()
-    assert "(fixed pairs)" in text and "0.665 ± 0.005 (0.750 ± 0.050)" in text and "(0.500)" in text
-    assert text.startswith("top\n") and text.endswith("bottom\n") and "old" not in text
+    assert "(fixed pairs)" in text and "0.665 ± 0.005 (0.750 ± 0.050)" in text and "(0.500 [seed 1])" in text
+    assert text.startswith("top\n") and text.endswith("bottom\n") and "\nold\n" not in text
     cross.write_text("[]")
     with pytest.raises(ValueError, match="--rm_cross_eval"):
         report.main(report.Args(quickstart_runs=",".join(dirs), out_dir=str(tmp_path / "fig"), table=None,
@@ -464,7 +464,9 @@ def test_report_json_from_seed_files(tmp_path):
     report.write_readme_block(str(readme), json.loads(out.read_text()), "sweep.json")
     text = readme.read_text()
     assert "STALE" not in text and text.startswith("intro") and text.rstrip().endswith("after")
-    assert "| m | 1,2,3 | 0.600 ± 0.000 | 0.400 ± 0.082 | 0.700 ± 0.082 | - | +0.010, +0.020, +0.030 | 2.000 ± 0.816 |" in text
+    assert "| m | 1,2,3 | 0.600 ± 0.000 | - | 0.400 ± 0.082 | 0.700 ± 0.082 | - | +0.010, +0.020, +0.030 | 2.000 ± 0.816 |" in text
+    # s: DPO and the RM's gold agreement ran on seed 1 only, and the table says so
+    assert "| s | 1,2,3 | 0.600 ± 0.000 | 0.700 [seed 1] | 0.400 ± 0.082 | 0.700 ± 0.082 | 0.400 [seed 1] |" in text
     with pytest.raises(ValueError, match="markers"):
         report.write_readme_block(str(tmp_path / "fig" / ".." / "sweep.json"), {}, "x")
     js = json.loads(out.read_text())
