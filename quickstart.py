@@ -32,7 +32,7 @@ class Args:
     out_dir: str = "runs/quickstart"
     seed: int = 1
     size: str = "s"
-    """embedded base model size: s (the whole pipeline in about 11 minutes on 2 CPU cores), m (about 25-30), l (about 60)"""
+    """embedded base model size: s (the whole pipeline in 8-11 minutes on 2 CPU cores), m (about 25-30), l (about 60)"""
     num_threads: int = 0
     """torch threads for every stage, split between a stage's processes (0: two, or one on a one-core machine, a fixed
     number so that a seed gives the same result on the same machine; 1 on a busy machine)"""
