@@ -25,6 +25,7 @@ from rich.table import Table
 
 console = Console()
 STAGES = ("task", "data", "sft", "feedback", "rm", "ppo", "judge", "dpo")
+LAUNCHED = ("sft", "feedback", "rm", "ppo", "dpo")  # the stages that sample or train: `launcher`, threads split
 
 
 @dataclass
@@ -128,7 +129,7 @@ def run_paths(o: str) -> tuple:
 
 
 def stage_commands(args: Args) -> tuple:
-    """Every stage's command line(s), the environment, the threads of a launched process and the launched stages."""
+    """Every stage's command line(s), the environment, and the torch threads of each process of a `LAUNCHED` stage."""
     o = args.out_dir
     task, data, sft, rm, ppo, dpo, feedback, fdata = run_paths(o)
     if args.num_processes < 1:
@@ -142,7 +143,6 @@ def stage_commands(args: Args) -> tuple:
     if args.size not in reward.EMBEDDED_LR_BY_SIZE:
         raise SystemExit(f"--size: unknown embedded size {args.size!r}; choose from {sorted(reward.EMBEDDED_LR_BY_SIZE)}")
     rm_lr = args.rm_lr or reward.EMBEDDED_LR_BY_SIZE[args.size]
-    bf16 = args.precision == "bf16"
     commands = {
         "task": [py, "embedded_task.py", "--out_dir", task, "--seed", str(args.seed), "--sizes", args.size],
         "data": [py, "tldr_dataset.py", "--source", "embedded", "--task_dir", task, "--output_dir", data],
@@ -171,15 +171,14 @@ def stage_commands(args: Args) -> tuple:
         env["OMP_NUM_THREADS"] = str(args.num_threads)
         commands["task"] += ["--num_threads", str(args.num_threads)]
     commands["ppo"] += ["--num_threads", str(per_process)]
-    if bf16:
+    if args.precision == "bf16":
         commands["task"] += ["--bf16"]
         for stage in ("sft", "rm", "ppo", "dpo"):
             commands[stage] += ["--bf16_on_cpu"]
-    launched = {"sft", "feedback", "rm", "ppo", "dpo"}
     if args.num_processes > 1:
         for stage, flags in split_micro_batches(args.num_processes).items():
             commands[stage] += flags
-    return commands, env, per_process, launched, bf16
+    return commands, env, per_process
 
 
 def main(args: Args):
@@ -189,14 +188,14 @@ def main(args: Args):
         raise SystemExit(f"--stages: unknown {sorted(unknown)}; choose from {STAGES}")
     o = args.out_dir
     task, data, sft, rm, ppo, dpo, feedback, fdata = run_paths(o)
-    commands, env, per_process, launched, bf16 = stage_commands(args)
+    commands, env, per_process = stage_commands(args)
     os.makedirs(o, exist_ok=True)
     start = time.time()
     seconds = {}
     for stage in STAGES:
         if stage in stages:
             cmds = commands[stage] if isinstance(commands[stage][0], list) else [commands[stage]]
-            stage_env = dict(env, OMP_NUM_THREADS=str(per_process)) if stage in launched else env
+            stage_env = dict(env, OMP_NUM_THREADS=str(per_process)) if stage in LAUNCHED else env
             seconds[f"{stage}_seconds"] = round(run(stage, cmds, o, stage_env), 1)
 
     summary = {k: v for k, v in read(os.path.join(o, "summary.json")).items() if "len_bin" not in k}
@@ -239,7 +238,7 @@ def main(args: Args):
     default_stages = Args.__dataclass_fields__["stages"].default.split(",")
     summary["first_command_seconds"] = round(sum(summary.get(f"{st}_seconds", 0.0) for st in default_stages), 1)
     summary["seed"], summary["size"], summary["num_processes"] = args.seed, args.size, args.num_processes
-    summary["precision"] = "bf16" if bf16 else "fp32"
+    summary["precision"] = args.precision
     summary["machine"] = f"{platform.node()} ({os.cpu_count()} cores, {cpu_model()})"
     with open(os.path.join(o, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)

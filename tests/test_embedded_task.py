@@ -369,7 +369,11 @@ def test_bf16_pretraining_runs_under_autocast(tmp_path, monkeypatch):
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
     seen = []
     real_linear = torch.nn.functional.linear
-    monkeypatch.setattr(torch.nn.functional, "linear", lambda x, w, b=None: seen.append(real_linear(x, w, b).dtype) or real_linear(x, w, b))
+    def linear(x, w, b=None):
+        out = real_linear(x, w, b)
+        seen.append(out.dtype)
+        return out
+    monkeypatch.setattr(torch.nn.functional, "linear", linear)
     kw = dict(seed=1, steps=20, batch_size=4, block=64, log=lambda *x: None, num_threads=1)
     a = et.pretrain("s", tok, texts, str(tmp_path / "a"), bf16=True, **kw)
     assert torch.bfloat16 in seen
