@@ -64,6 +64,9 @@ class Args:
     """new tokens per sample (Detail 5: the SFT response length)"""
     query_length: int = 256
     """queries longer than this many tokens are an error (the embedded data set's query length)"""
+    all_pairs: bool = False
+    """training posts: compare every pair of a post's 2 x pairs_per_post samples (15 pairs of 6), not only the disjoint
+    pairs (3 of 6): more rater labels from the same samples, each an independent rater draw. Validation stays disjoint"""
     batch_size: int = 50
     """posts per generate call (2 x pairs_per_post samples each)"""
     seed: int = 1
@@ -89,8 +92,9 @@ def left_pad(seqs: List[List[int]], pad_id: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_pairs(model, tokenizer, queries: List[str], args: Args) -> List[List[tuple]]:
-    """`pairs_per_post` disjoint pairs of sampled summaries per query (text before the first EOS, stripped)."""
+def sample_pairs(model, tokenizer, queries: List[str], args: Args, all_pairs: bool = False) -> List[List[tuple]]:
+    """`pairs_per_post` disjoint pairs of sampled summaries per query (with `all_pairs`, every pair of those samples;
+    text before the first EOS, stripped)."""
     pad_id = tokenizer.pad_token_id
     ids = tokenizer(queries, add_special_tokens=False)["input_ids"]
     too_long = [i for i, x in enumerate(ids) if len(x) > args.query_length]
@@ -119,8 +123,11 @@ def sample_pairs(model, tokenizer, queries: List[str], args: Args) -> List[List[
         if tokenizer.eos_token_id in resp:  # Detail 21: the summary ends at the first EOS
             resp = resp[: resp.index(tokenizer.eos_token_id)]
         texts.append(tokenizer.decode([t for t in resp if t != pad_id]).strip())
-    return [[(texts[k * i + 2 * j], texts[k * i + 2 * j + 1]) for j in range(args.pairs_per_post)]
-            for i in range(len(queries))]
+    if all_pairs:
+        index_pairs = [(a, b) for a in range(k) for b in range(a + 1, k)]
+    else:
+        index_pairs = [(2 * j, 2 * j + 1) for j in range(args.pairs_per_post)]
+    return [[(texts[k * i + a], texts[k * i + b]) for a, b in index_pairs] for i in range(len(queries))]
 
 
 def collect(args: Args, split: str, n_posts: int, model, tokenizer, records: Dict[str, dict], temperature: float,
@@ -133,7 +140,7 @@ def collect(args: Args, split: str, n_posts: int, model, tokenizer, records: Dic
     for i in range(accelerator.process_index * args.batch_size, len(posts), step):
         chunk = posts[i:i + args.batch_size]
         queries = [et.format_query(p["subreddit"], p["title"], p["post"]) for p in chunk]  # Detail 1
-        pairs = sample_pairs(model, tokenizer, queries, args)
+        pairs = sample_pairs(model, tokenizer, queries, args, all_pairs=args.all_pairs and split == "train")
         mine.append((i, [(p["id"], a, b) for p, ps in zip(chunk, pairs) for a, b in ps]))
         progress.update(task, completed=min(len(posts), i + step))  # the main process shows every rank's round
     batches = sorted(gather_object(mine), key=lambda b: b[0]) if accelerator.num_processes > 1 else mine  # post order

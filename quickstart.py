@@ -46,6 +46,9 @@ class Args:
     feedback sampling stays fp32). Not faster here: at m seed 1 the pipeline took 1,163 s against 1,229 s (docs/embedded_task.md)"""
     rm_lr: float = 0.0
     """reward model learning rate (0: reward.py's EMBEDDED_LR_BY_SIZE for --size)"""
+    feedback_all_pairs: bool = False
+    """the rater round compares every pair of a training post's 6 samples (15), not 3 disjoint pairs
+    (collect_feedback.py --all_pairs)"""
     stages: str = "task,data,sft,feedback,rm,ppo,judge"
     """comma-separated subset of task,data,sft,feedback,rm,ppo,judge,dpo (dpo is optional: add it to run DPO too)"""
 
@@ -171,6 +174,8 @@ def stage_commands(args: Args) -> tuple:
         env["OMP_NUM_THREADS"] = str(args.num_threads)
         commands["task"] += ["--num_threads", str(args.num_threads)]
     commands["ppo"] += ["--num_threads", str(per_process)]
+    if args.feedback_all_pairs:
+        commands["feedback"][0] += ["--all_pairs"]
     if args.precision == "bf16":
         commands["task"] += ["--bf16"]
         for stage in ("sft", "rm", "ppo", "dpo"):

@@ -497,3 +497,16 @@ def test_report_json_from_seed_files(tmp_path):
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ValueError, match="bad.json"):
         report.collect_seed_files([str(tmp_path / "bad.json")])
+
+
+def test_rm_pair_forward_benchmark_times_both_paths(tmp_path):
+    """benchmark/rm_pair_forward.py: both paths timed on the same pairs, their rewards agree, the JSON is written;
+    an unknown size is refused by name."""
+    bench = load("rm_pair_forward")
+    out = tmp_path / "rm.json"
+    res = bench.main(bench.Args(sizes="s", batch=2, query_tokens=16, response_tokens=6, repeats=1, json_out=str(out)))
+    s = res["results"]["s"]
+    assert s["full_seconds"] > 0 and s["shared_prefix_seconds"] > 0 and s["max_abs_reward_diff"] < 1e-4
+    assert json.loads(out.read_text())["results"]["s"]["speedup"] == pytest.approx(s["speedup"])
+    with pytest.raises(SystemExit, match="xl"):
+        bench.main(bench.Args(sizes="xl", repeats=1))

@@ -64,6 +64,22 @@ def test_several_disjoint_pairs_per_post(setup, tmp_path):
     assert len(by_post) == 12 and max(len(v) for v in by_post.values()) == 6  # six samples, three pairs a post
 
 
+def test_all_pairs_compares_every_pair_of_the_same_samples(setup, tmp_path):
+    """--all_pairs: the training posts' 6 samples give 15 comparisons (the 3 disjoint ones among them, the samples
+    unchanged); validation keeps its disjoint pairs."""
+    disjoint = cf.main(_args(setup, tmp_path / "d", pairs_per_post=3))
+    every = cf.main(_args(setup, tmp_path / "a", pairs_per_post=3, all_pairs=True))
+    rows = lambda d, split: et.read_jsonl(tmp_path / d / f"comparisons_{split}.jsonl")  # noqa: E731
+    texts = lambda rs: {(r["info"]["id"], frozenset(s["text"] for s in r["summaries"])) for r in rs}  # noqa: E731
+    assert len(rows("a", "train")) + every["train"]["identical_pairs_skipped"] == 15 * 12
+    assert texts(rows("d", "train")) < texts(rows("a", "train"))  # the disjoint pairs are a strict subset
+    samples = lambda rs: {(r["info"]["id"], s["text"]) for r in rs for s in r["summaries"]}  # noqa: E731
+    assert samples(rows("d", "train")) <= samples(rows("a", "train"))  # the same samples, more pairs of them
+    assert max(sum(1 for p, _ in samples(rows("a", "train")) if p == post) for post, _ in texts(rows("a", "train"))) <= 6
+    assert texts(rows("a", "validation")) == texts(rows("d", "validation"))
+    assert every["validation"]["n"] == disjoint["validation"]["n"]
+
+
 def test_same_seed_same_comparisons(setup, tmp_path):
     cf.main(_args(setup, tmp_path / "a"))
     cf.main(_args(setup, tmp_path / "b"))

@@ -255,6 +255,50 @@ def test_detail16_chosen_and_rejected_in_one_forward(rm):
     assert torch.allclose(rr, reward.get_reward(rm, rejected, pad), atol=1e-5)
 
 
+def test_detail16_shared_prefix_forward_equals_full_sequences(rm):
+    """Detail 16, the shared-prefix forward: a pair's common query (and common opening) runs once, the two remainders
+    with its key/value cache. Rewards AND gradients equal those of the two full sequences run separately, for pairs
+    that share a query of varying length, a common first response word, or nothing at all (the plain fallback)."""
+    pad, gen = 99, torch.Generator().manual_seed(0)
+    rows_c, rows_r = [], []
+    for q_len, common, len_c, len_r in [(7, 0, 3, 5), (3, 2, 4, 4), (11, 1, 2, 6), (5, 0, 1, 1)]:
+        q = torch.randint(1, 60, (q_len,), generator=gen).tolist()
+        opening = torch.randint(1, 60, (common,), generator=gen).tolist()
+        c = opening + torch.randint(60, 80, (len_c,), generator=gen).tolist()  # the responses differ after `common`
+        r = opening + torch.randint(80, 98, (len_r,), generator=gen).tolist()
+        rows_c.append(q + c), rows_r.append(q + r)
+    width = max(map(len, rows_c + rows_r)) + 2
+    chosen = torch.tensor([x + [pad] * (width - len(x)) for x in rows_c])
+    rejected = torch.tensor([x + [pad] * (width - 1 - len(x)) for x in rows_r])  # another width than chosen
+
+    def grads(fn):
+        rm.zero_grad()
+        rc, rr = fn()
+        (rc.sum() - 2 * rr.sum()).backward()
+        return rc.detach(), rr.detach(), [p.grad.clone() for p in rm.parameters() if p.grad is not None]
+
+    def separate():
+        return reward.get_reward(rm, chosen, pad), reward.get_reward(rm, rejected, pad)
+
+    rm.train()
+    try:
+        sc, sr, s_grads = grads(separate)
+        pc, pr, p_grads = grads(lambda: reward.forward_pair(rm, chosen, rejected, pad))
+        no_query = (torch.tensor([[5, 6, pad], [7, 8, 9]]), torch.tensor([[6, 6, 6], [7, 1, pad]]))  # row 0: none in common
+        fc, fr = reward.forward_pair(rm, *no_query, pad)
+    finally:
+        rm.zero_grad()
+        rm.eval()
+    assert torch.allclose(pc, sc, atol=1e-5) and torch.allclose(pr, sr, atol=1e-5)
+    assert len(p_grads) == len(s_grads) == len(list(rm.parameters()))
+    for a, b in zip(p_grads, s_grads):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    assert torch.allclose(fc, reward.get_reward(rm, no_query[0], pad), atol=1e-5)
+    assert torch.allclose(fr, reward.get_reward(rm, no_query[1], pad), atol=1e-5)
+    with pytest.raises(ValueError, match="right-padded"):  # a left-padded row would be split at the wrong column
+        reward.forward_pair(rm, torch.tensor([[pad, 1, 2]]), torch.tensor([[1, 3, pad]]), pad)
+
+
 # ------------------------------------------------------------------------------------------------ Detail 7
 def test_detail7_dropout_off(fake_run):
     """Detail 7: dropout probabilities 0 in the configs and modules; two train-mode forwards are identical."""
