@@ -96,6 +96,11 @@ class Args:
     """take the bf16 autocast path without CUDA too (slow; lets the tests run it on CPU)"""
     identical_pairs: str = "skip"
     """pairs with chosen == rejected: `skip` (count, warn, skip) or `error` (ValueError)"""
+    group_pairs_by_post: bool = False
+    """micro-batches take the pairs of whole posts in a row (the posts in a seeded shuffle, every pair still once:
+    Detail 16), and each distinct query and summary of a micro-batch runs once (`forward_pair` with `query_lens`).
+    For many comparisons per post (`collect_feedback.py --all_pairs`: 15 of a post's 6 samples, as InstructGPT
+    batched a prompt's comparisons). Off: the pairs in a seeded shuffle (the paper)"""
 
     # evaluation and normalisation (Details 17, 18)
     per_device_eval_batch_size: int = 16
@@ -239,17 +244,17 @@ class ScalarModel(PreTrainedModel):
         return cls(config, trunk=trunk)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, suffix_ids=None, suffix_mask=None,
-                suffix_position_ids=None):
-        """One scalar per position (B, T). With `suffix_*` (k * B rows, row j continuing prefix row j // k), `input_ids`
-        is a prefix shared by k sequences: the trunk runs over it once and over the suffixes with its key/value cache,
-        and the suffixes' scalars (k * B, S) are returned: the same values as the k full sequences, for less work."""
+                suffix_position_ids=None, suffix_prefix_index=None):
+        """One scalar per position (B, T). With `suffix_*`, the rows of `input_ids` are prefixes and suffix row j
+        continues prefix row `suffix_prefix_index[j]`: the trunk runs over each prefix once and over the suffixes with
+        the prefixes' key/value cache, and the suffixes' scalars (one row per suffix) are returned: the values of the
+        full sequences, for less work."""
         shared = suffix_ids is not None
         out = self.trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=shared)
         if not shared:
             return self.scalar_head(out.last_hidden_state).squeeze(-1)
-        k = suffix_ids.shape[0] // input_ids.shape[0]
-        out.cache.batch_repeat_interleave(k)  # differentiable: the prefix's gradient sums over its k suffixes
-        mask = torch.cat([attention_mask.repeat_interleave(k, 0), suffix_mask], dim=1)
+        out.cache.batch_select_indices(suffix_prefix_index)  # differentiable: a prefix's gradient sums over its suffixes
+        mask = torch.cat([attention_mask[suffix_prefix_index], suffix_mask], dim=1)
         hidden = self.trunk(input_ids=suffix_ids, attention_mask=mask, position_ids=suffix_position_ids,
                             cache=out.cache, use_cache=True).last_hidden_state
         return self.scalar_head(hidden).squeeze(-1)
@@ -337,14 +342,19 @@ def pairwise_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor):
     return loss, accuracy
 
 
-def forward_pair(model: nn.Module, chosen: torch.Tensor, rejected: torch.Tensor, pad_id: int):
+def forward_pair(model: nn.Module, chosen: torch.Tensor, rejected: torch.Tensor, pad_id: int,
+                 query_lens: Optional[torch.Tensor] = None):
     """Chosen and rejected rows go through ONE forward pass (Detail 16); returns (r_chosen, r_rejected).
 
     `chosen` and `rejected` (B, T) are query + response, right-padded. A pair's two sequences share their query (and
     any opening words the two summaries have in common): the model runs over that common prefix once and over the two
     remainders with its key/value cache (`ScalarModel.forward`'s suffix arguments). Causal attention makes the
     rewards those of the two full sequences (to float rounding) for fewer tokens: a pair of the embedded task (a 120-token
-    query, two 25-token summaries) 290 -> 170 tokens, of the TL;DR (512 and two 53) 1,130 -> 618."""
+    query, two 25-token summaries) 290 -> 170 tokens, of the TL;DR (512 and two 53) 1,130 -> 618.
+
+    With `query_lens` (B,), each row's number of query tokens, the prefix is the query, and a micro-batch's distinct
+    queries and each query's distinct summaries run once: the 15 pairs of a post's 6 samples (`--group_pairs_by_post`)
+    cost one query and 6 summaries."""
     width = max(chosen.shape[1], rejected.shape[1])
     chosen = F.pad(chosen, (0, width - chosen.shape[1]), value=pad_id)
     rejected = F.pad(rejected, (0, width - rejected.shape[1]), value=pad_id)
@@ -355,32 +365,49 @@ def forward_pair(model: nn.Module, chosen: torch.Tensor, rejected: torch.Tensor,
     lengths = real.sum(-1)  # (B, 2)
     if (lengths == 0).any():
         raise ValueError("forward_pair: a sequence consists only of pad tokens")
-    # prefix: the leading tokens both rows share, at most all but one token of the shorter (each keeps a suffix)
-    same = (chosen == rejected) & (chosen != pad_id)
-    prefix = torch.minimum(same.long().cumprod(1).sum(1), lengths.min(1).values - 1)  # (B,)
-    if (prefix == 0).any():  # a pair with nothing in common (no query): the two full sequences, side by side
-        rewards = get_reward(model, trim_padding(torch.cat([chosen, rejected]), pad_id), pad_id)
-        return rewards[: len(chosen)], rewards[len(chosen) :]
     cols = torch.arange(width, device=chosen.device)
+    if query_lens is None:
+        # prefix: the leading tokens both rows share, at most all but one token of the shorter (each keeps a suffix)
+        same = (chosen == rejected) & (chosen != pad_id)
+        prefix = torch.minimum(same.long().cumprod(1).sum(1), lengths.min(1).values - 1)  # (B,)
+        if (prefix == 0).any():  # a pair with nothing in common (no query): the two full sequences, side by side
+            rewards = get_reward(model, trim_padding(torch.cat([chosen, rejected]), pad_id), pad_id)
+            return rewards[: len(chosen)], rewards[len(chosen) :]
+    else:
+        prefix = query_lens.to(chosen.device).long()
+        if ((prefix < 1) | (prefix >= lengths.min(1).values)).any():
+            raise ValueError("forward_pair: query_lens must leave every row a query and a response")
+        if ((chosen != rejected) & (cols < prefix[:, None])).any():
+            raise ValueError("forward_pair: chosen and rejected differ within their query (query_lens)")
     # the prefixes, left-padded to the longest one (Detail 11: positions from the mask, so the padding side is free)
     p_width = int(prefix.max())
     src = cols[:p_width] - (p_width - prefix[:, None])  # column of `chosen` for each prefix slot, < 0 for padding
-    prefix_mask = src >= 0
-    prefix_ids = torch.gather(chosen, 1, src.clamp(min=0)).masked_fill(~prefix_mask, INVALID_PAD_ID)  # Detail 3
+    prefix_tokens = torch.gather(chosen, 1, src.clamp(min=0)).masked_fill(src < 0, pad_id)
     # the suffixes, rows [chosen 0, rejected 0, chosen 1, ...], right-padded to the longest one
     both = torch.stack([chosen, rejected], 1).flatten(0, 1)  # (2B, width)
     starts, ends = prefix.repeat_interleave(2), lengths.flatten()
     s_width = int((ends - starts).max())
     src = starts[:, None] + cols[:s_width]
-    suffix_mask = src < ends[:, None]
-    suffix_ids = torch.gather(both, 1, src.clamp(max=width - 1)).masked_fill(~suffix_mask, INVALID_PAD_ID)  # Detail 3
+    suffix_tokens = torch.gather(both, 1, src.clamp(max=width - 1)).masked_fill(src >= ends[:, None], pad_id)
+    prefix_index = torch.arange(len(chosen), device=chosen.device).repeat_interleave(2)
+    row = torch.arange(len(both), device=both.device)  # each sequence's suffix row
+    if query_lens is not None:  # each distinct query once, each distinct (query, summary) once
+        prefix_tokens, prefix_of = torch.unique(prefix_tokens, dim=0, return_inverse=True)
+        keyed, row = torch.unique(torch.cat([prefix_of[prefix_index, None], suffix_tokens], 1), dim=0,
+                                  return_inverse=True)
+        prefix_index, suffix_tokens = keyed[:, 0], keyed[:, 1:]
+        prefix = (prefix_tokens != pad_id).sum(1)
+    prefix_mask, suffix_mask = prefix_tokens != pad_id, suffix_tokens != pad_id
     # Detail 11: positions count the real tokens before each one (the prefix's, then the suffix's)
     prefix_pos = (prefix_mask.long().cumsum(1) - 1).clamp(min=0)
-    suffix_pos = starts[:, None] + cols[:s_width]
-    values = model(input_ids=prefix_ids, attention_mask=prefix_mask.long(), position_ids=prefix_pos,
-                   suffix_ids=suffix_ids, suffix_mask=suffix_mask.long(), suffix_position_ids=suffix_pos)
+    suffix_pos = prefix[prefix_index, None] + torch.arange(suffix_tokens.shape[1], device=both.device)
+    values = model(input_ids=prefix_tokens.masked_fill(~prefix_mask, INVALID_PAD_ID),  # Detail 3
+                   attention_mask=prefix_mask.long(), position_ids=prefix_pos,
+                   suffix_ids=suffix_tokens.masked_fill(~suffix_mask, INVALID_PAD_ID),  # Detail 3
+                   suffix_mask=suffix_mask.long(), suffix_position_ids=suffix_pos, suffix_prefix_index=prefix_index)
     # Detail 15: the reward at each sequence's last real token (its EOS), here the last real token of its suffix
-    rewards = values[torch.arange(len(both), device=both.device), ends - starts - 1].float().view(-1, 2)
+    rewards = values[torch.arange(len(values), device=both.device), suffix_mask.sum(1) - 1].float()
+    rewards = rewards[row].view(-1, 2)
     return rewards[:, 0], rewards[:, 1]  # Detail 16: one forward for both
 
 
@@ -462,6 +489,32 @@ def tensor_loader(ds: Dataset, columns: List[str], batch_size: int, shuffle: boo
     generator = torch.Generator().manual_seed(seed) if shuffle else None
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=generator,
                                        drop_last=drop_last)
+
+
+class PostBatches:
+    """Batch sampler for `--group_pairs_by_post`: per epoch a permutation of the posts seeded by (seed, epoch), each
+    post's pairs in a row, cut into micro-batches of `batch_size` pairs; pairs past the last full update (of
+    `per_update` micro-batches, dealt over the processes by accelerate) are dropped, as with drop_last (Detail 16)."""
+
+    def __init__(self, post_ids, batch_size: int, per_update: int, seed: int):
+        _, post = np.unique(np.asarray(post_ids), return_inverse=True)
+        order = np.argsort(post, kind="stable")  # rows grouped by post, file order within a post
+        self.posts = np.split(order, np.cumsum(np.bincount(post))[:-1])
+        self.batch_size, self.per_update, self.seed, self.epoch = batch_size, per_update, seed, 0
+        self.num_updates = len(order) // (batch_size * per_update)
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.num_updates * self.per_update
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        rows = np.concatenate([self.posts[i] for i in rng.permutation(len(self.posts))])
+        rows = rows[: self.num_updates * self.batch_size * self.per_update]
+        for i in range(0, len(rows), self.batch_size):
+            yield rows[i : i + self.batch_size].tolist()
 
 
 @torch.no_grad()
@@ -682,9 +735,17 @@ def main(args: Args) -> Dict[str, float]:
     init_head_weight = model.scalar_head.weight.detach().flatten()[:8].tolist()  # Detail 10: same on every rank
     optimizer, scheduler = make_optimizer_and_scheduler(model.parameters(), args.lr, args.eps, num_updates)
     # The scheduler is stepped by hand once per update (not prepared: accelerate would step it once per process).
-    train_loader = tensor_loader(train_ds.add_column("_row", list(range(len(train_ds)))),
-                                 ["query_chosen_token", "query_rejected_token", "_row"], micro, shuffle=True,
-                                 seed=args.seed, drop_last=True)
+    columns = ["query_chosen_token", "query_rejected_token", "_row"]
+    if args.group_pairs_by_post:
+        if "id" not in train_ds.column_names or "query_token" not in train_ds.column_names:
+            raise ValueError("--group_pairs_by_post: the preference split 'train' needs columns 'id' and 'query_token'")
+        sampler = PostBatches(train_ds["id"], micro, grad_accum * world, args.seed)
+        rows = train_ds.add_column("_row", list(range(len(train_ds))))
+        train_loader = torch.utils.data.DataLoader(rows.with_format("torch", columns=columns + ["query_token"]),
+                                                   batch_sampler=sampler)
+    else:
+        train_loader = tensor_loader(train_ds.add_column("_row", list(range(len(train_ds)))), columns, micro,
+                                     shuffle=True, seed=args.seed, drop_last=True)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     console.print(f"[bold]reward model[/bold]: {len(train_ds)} train pairs, {num_updates} updates of "
                   f"{args.total_batch_size} = {micro} x {grad_accum} accum x {world} proc; dropped remainder {dropped}; "
@@ -704,6 +765,8 @@ def main(args: Args) -> Dict[str, float]:
         for epoch in range(args.num_train_epochs):
             if hasattr(train_loader, "set_epoch"):
                 train_loader.set_epoch(epoch)
+            if args.group_pairs_by_post:
+                sampler.set_epoch(epoch)
             micro_in_epoch = 0
             for batch in train_loader:
                 if micro_in_epoch >= (num_updates // args.num_train_epochs) * micro_per_update:
@@ -712,7 +775,9 @@ def main(args: Args) -> Dict[str, float]:
                 seen_rows.extend(batch["_row"].tolist())
                 with accelerator.accumulate(model):
                     with accelerator.autocast():
-                        rc, rr = forward_pair(model, batch["query_chosen_token"], batch["query_rejected_token"], pad_id)
+                        query_lens = (batch["query_token"] != pad_id).sum(1) if args.group_pairs_by_post else None
+                        rc, rr = forward_pair(model, batch["query_chosen_token"], batch["query_rejected_token"], pad_id,
+                                              query_lens)
                     loss, acc = pairwise_loss(rc, rr)
                     accelerator.backward(loss)  # Detail 8: no gradient clipping
                     optimizer.step()

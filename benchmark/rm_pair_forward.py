@@ -4,11 +4,14 @@ once, its two summaries with the query's key/value cache) against the two full s
     python benchmark/rm_pair_forward.py                       # embedded s / m / l shapes, CPU, one thread
     python benchmark/rm_pair_forward.py --sizes 1b --device cuda --query_tokens 512 --response_tokens 53 --batch 8
 
-Random-weight GPT-NeoX trunks of the embedded task's sizes (or Pythia-1B's shape) with the reward head; random
-pairs as the preference set stores them (query + response, right-padded), queries of 75-100% of `query_tokens`,
-responses of 40-100% of `response_tokens`. Each timing is forward + backward of
-the pairwise loss on one micro-batch, the median of `repeats` after one warm-up; both paths see the same pairs and
-their rewards are checked to agree. Prints a table and writes the figures as JSON (--json_out).
+Also a post's 15 pairs (all pairs of 6 samples, `collect_feedback.py --all_pairs`) in one micro-batch: pair by
+pair (`forward_pair`) against each distinct query and summary once (`forward_pair` with `query_lens`, as
+`reward.py --group_pairs_by_post` trains). Random-weight GPT-NeoX trunks of the embedded task's sizes (or
+Pythia-1B's shape) with the reward head; random pairs as the preference set stores them (query + response,
+right-padded), queries of 75-100% of `query_tokens` (a post's: all of them), responses of 40-100% of
+`response_tokens`. Each timing is forward + backward of the pairwise loss on one micro-batch, the median of
+`repeats` after one warm-up; the paths see the same pairs and their rewards are checked to agree. Prints the figures
+and writes them as JSON (--json_out).
 """
 
 import json
@@ -62,6 +65,18 @@ def random_pairs(args: Args, pad: int, gen: torch.Generator):
     return (torch.stack([pad_row(c) for c, _ in rows]), torch.stack([pad_row(r) for _, r in rows]))
 
 
+def post_pairs(args: Args, pad: int, gen: torch.Generator, samples: int = 6):
+    """Every pair of `samples` summaries of one post (15 of 6), as `collect_feedback.py --all_pairs` writes them."""
+    q = torch.randint(1, pad, (args.query_tokens,), generator=gen)
+    outs = [torch.randint(1, pad, (max(1, int(args.response_tokens * (0.4 + 0.6 * torch.rand((), generator=gen))),),),
+                          generator=gen) for _ in range(samples)]
+    pairs = [(torch.cat([q, outs[a]]), torch.cat([q, outs[b]])) for a in range(samples) for b in range(a + 1, samples)]
+    width = max(len(x) for pair in pairs for x in pair)
+    pad_row = lambda x: F.pad(x, (0, width - len(x)), value=pad)  # noqa: E731
+    chosen = torch.stack([pad_row(c) for c, _ in pairs])
+    return chosen, torch.stack([pad_row(r) for _, r in pairs]), torch.full((len(pairs),), args.query_tokens)
+
+
 def full_sequences(model, chosen, rejected, pad):
     rewards = get_reward(model, trim_padding(torch.cat([chosen, rejected]), pad), pad)
     return rewards[: len(chosen)], rewards[len(chosen):]
@@ -113,10 +128,21 @@ def main(args: Args) -> dict:
         max_diff = max(float((a[0] - b[0]).abs().max()), float((a[1] - b[1]).abs().max()))
         full = time_path(full_sequences, model, chosen, rejected, pad, args.repeats, args.device)
         shared = time_path(forward_pair, model, chosen, rejected, pad, args.repeats, args.device)
+        # the 15 pairs of one post's 6 samples in one micro-batch: pair by pair, or each query and summary once
+        pc, pr, ql = (x.to(args.device) for x in post_pairs(args, pad, torch.Generator().manual_seed(2)))
+        post_pair = time_path(forward_pair, model, pc, pr, pad, args.repeats, args.device)
+        grouped = lambda m, c, r, p: forward_pair(m, c, r, p, ql)  # noqa: E731
+        post_grouped = time_path(grouped, model, pc, pr, pad, args.repeats, args.device)
+        with torch.no_grad():
+            g = grouped(model, pc, pr, pad), full_sequences(model, pc, pr, pad)
+        max_diff = max(max_diff, float((g[0][0] - g[1][0]).abs().max()), float((g[0][1] - g[1][1]).abs().max()))
         results[size] = dict(full_seconds=full, shared_prefix_seconds=shared, speedup=full / shared,
-                             max_abs_reward_diff=max_diff, params=sum(p.numel() for p in model.parameters()))
-        print(f"{size:>3}: full sequences {full * 1e3:8.1f} ms, shared prefix {shared * 1e3:8.1f} ms "
-              f"({full / shared:.2f}x), rewards agree to {max_diff:.1e}")
+                             post_15_pairs_seconds=post_pair, post_15_pairs_grouped_seconds=post_grouped,
+                             grouped_speedup=post_pair / post_grouped, max_abs_reward_diff=max_diff,
+                             params=sum(p.numel() for p in model.parameters()))
+        print(f"{size:>3}: {args.batch} pairs: full sequences {full * 1e3:7.1f} ms, shared prefix {shared * 1e3:7.1f} ms "
+              f"({full / shared:.2f}x); a post's 15 pairs: pair by pair {post_pair * 1e3:7.1f} ms, each query and "
+              f"summary once {post_grouped * 1e3:7.1f} ms ({post_pair / post_grouped:.2f}x); rewards agree to {max_diff:.1e}")
     out = dict(args=vars(args), results=results, torch=torch.__version__, machine=machine())
     if args.json_out:
         os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)

@@ -125,6 +125,9 @@ class Args:
     dpo_train_pairs: Optional[int] = None
     feedback_posts: Optional[int] = None
     """embedded feedback stage: posts whose SFT samples the raters compare (None: collect_feedback.py's default)"""
+    feedback_all_pairs: bool = True
+    """embedded: the raters compare every pair of a post's 6 samples and the RM batches them by post, as
+    quickstart.py --feedback_all_pairs (its default); --no-feedback-all-pairs: 3 disjoint pairs a post"""
     threads: int = 1
     """OMP_NUM_THREADS / torch threads of every embedded process"""
     precision: Literal["fp32", "bf16"] = "fp32"
@@ -209,6 +212,7 @@ def embedded_commands(args: Args, size: str, seed: int, stages: List[str]) -> Li
     rl_common = ["--dataset_path", d["fdata"], *common[2:]] if "feedback" in stages else common
     opt = lambda flag, v: [] if v is None else [flag, str(v)]  # noqa: E731
     bf16 = ["--bf16_on_cpu"] if args.precision == "bf16" else []  # the training stages' precision
+    all_pairs = args.feedback_all_pairs and "feedback" in stages  # every pair of a post's samples, RM batched by post
     cmds = []
     if "sft" in stages:
         cmds.append((run_name("sft", size, seed), [py, "sft.py", "--preset", "embedded", "--base_model",
@@ -217,14 +221,16 @@ def embedded_commands(args: Args, size: str, seed: int, stages: List[str]) -> Li
     if "feedback" in stages:
         cmds.append((run_name("feedback", size, seed), [py, "collect_feedback.py", "--task_dir", task, "--policy_path",
                      d["sft"], "--output_dir", d["feedback"], *opt("--num_train_posts", args.feedback_posts),
-                     "--seed", str(seed), "--num_threads", str(args.threads)]))
+                     "--seed", str(seed), "--num_threads", str(args.threads), *(["--all_pairs"] if all_pairs else [])]))
         cmds.append((run_name("fdata", size, seed), [py, "tldr_dataset.py", "--source", "embedded", "--task_dir", task,
                      "--comparisons_dir", d["feedback"], "--output_dir", d["fdata"], *opt("--max_rows", args.max_rows)]))
     if "rm" in stages:
         cmds.append((run_name("rm", size, seed), [py, "reward.py", "--preset", "embedded", "--base_model",
                      os.path.join(task, f"base-{size}"), "--sft_model_path", d["sft"], "--output_dir", d["rm"], *rl_common,
                      "--lr", str(embedded_rm_lr(size)),
-                     *opt("--num_train_pairs", args.rm_train_pairs), *opt("--num_val_pairs", args.rm_val_pairs), *bf16]))
+                     *opt("--num_train_pairs", args.rm_train_pairs), *opt("--num_val_pairs", args.rm_val_pairs), *bf16,
+                     *(["--group_pairs_by_post", "--total_batch_size", "32", "--per_device_train_batch_size", "32"]
+                       if all_pairs else [])]))
     if "ppo" in stages:
         cmds.append((run_name("ppo", size, seed), [py, "ppo.py", "--preset", "embedded", "--sft_model_path", d["sft"],
                      "--reward_model_path", d["rm"], "--output_dir", d["ppo"], *rl_common,

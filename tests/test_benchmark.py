@@ -208,6 +208,22 @@ def test_embedded_plan_feedback_and_shrink_flags(tmp_path):
     assert f["ppo_s_1"]["total_episodes"] == "640" and f["rm_s_1"]["num_train_pairs"] == "300"
 
 
+def test_embedded_plan_feedback_all_pairs(tmp_path):
+    """--feedback_all_pairs (the default): the raters compare every pair of a post's samples and the RM batches them by
+    post, 32 pairs an update, as quickstart.py; --no-feedback-all-pairs passes neither flag."""
+    def stage_flags(all_pairs):
+        args = sweep.Args(mode="embedded", sizes="s", seeds="1", stages="sft,feedback,rm,ppo,judge",
+                          out_dir=str(tmp_path / "e"), feedback_all_pairs=all_pairs)
+        return {name: argv for name, argv in sweep.plan(args)[1][0]}
+
+    on, off = stage_flags(True), stage_flags(False)
+    assert sweep.Args().feedback_all_pairs
+    assert "--all_pairs" in on["feedback_s_1"] and "--all_pairs" not in off["feedback_s_1"]
+    rm = flags(on["rm_s_1"])
+    assert "group_pairs_by_post" in rm and rm["total_batch_size"] == "32" and rm["per_device_train_batch_size"] == "32"
+    assert "group_pairs_by_post" not in flags(off["rm_s_1"])
+
+
 def test_embedded_plan_passes_the_precision(tmp_path):
     """--precision bf16 pretrains the base models (--bf16) and trains every size's SFT, RM, PPO and DPO under CPU bf16
     autocast (--bf16_on_cpu), as quickstart.py; the default fp32 passes neither."""
@@ -507,6 +523,7 @@ def test_rm_pair_forward_benchmark_times_both_paths(tmp_path):
     res = bench.main(bench.Args(sizes="s", batch=2, query_tokens=16, response_tokens=6, repeats=1, json_out=str(out)))
     s = res["results"]["s"]
     assert s["full_seconds"] > 0 and s["shared_prefix_seconds"] > 0 and s["max_abs_reward_diff"] < 1e-4
+    assert s["post_15_pairs_seconds"] > 0 and s["post_15_pairs_grouped_seconds"] > 0
     assert json.loads(out.read_text())["results"]["s"]["speedup"] == pytest.approx(s["speedup"])
     with pytest.raises(SystemExit, match="xl"):
         bench.main(bench.Args(sizes="xl", repeats=1))

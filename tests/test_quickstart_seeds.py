@@ -169,3 +169,22 @@ def test_quickstart_passes_the_precision_to_every_training_stage():
     p = subprocess.run([sys.executable, os.path.join(ROOT, "quickstart.py"), "--stages", "", "--precision", "fp16"],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert p.returncode != 0 and "--precision" in p.stderr
+
+
+def test_quickstart_feedback_all_pairs_groups_the_reward_models_batches():
+    """--feedback_all_pairs (the default): the rater round compares every pair of a post's samples and the RM, grouped
+    by post, takes 32 pairs an update in micro-batches that the processes share (its flags parse); without it, 3
+    disjoint pairs a post and the RM's preset batches."""
+    sys.path.insert(0, ROOT)
+    import quickstart
+    import reward
+
+    for procs in (1, 2):
+        commands = quickstart.stage_commands(quickstart.Args(num_processes=procs, feedback_all_pairs=True))[0]
+        assert "--all_pairs" in commands["feedback"][0]
+        rm = commands["rm"][commands["rm"].index("reward.py") + 1:]
+        args = reward.parse_args(rm)
+        assert args.group_pairs_by_post and args.total_batch_size == 32 and args.per_device_train_batch_size == 32 // procs
+    assert quickstart.Args().feedback_all_pairs
+    off = quickstart.stage_commands(quickstart.Args(num_processes=2, feedback_all_pairs=False))[0]
+    assert "--all_pairs" not in off["feedback"][0] and "--group_pairs_by_post" not in off["rm"]

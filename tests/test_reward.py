@@ -299,6 +299,66 @@ def test_detail16_shared_prefix_forward_equals_full_sequences(rm):
         reward.forward_pair(rm, torch.tensor([[pad, 1, 2]]), torch.tensor([[1, 3, pad]]), pad)
 
 
+def test_detail16_query_lens_forward_runs_each_query_and_summary_once(rm):
+    """forward_pair with query_lens (--group_pairs_by_post): the pairs of one post (all pairs of its 3 samples, one
+    repeated pair) and of another post in one micro-batch give the rewards and gradients of the full sequences; the
+    model sees each distinct query once and each distinct (query, summary) once; bad query_lens are refused."""
+    pad, gen = 99, torch.Generator().manual_seed(1)
+    qa, qb = torch.randint(1, 60, (9,), generator=gen).tolist(), torch.randint(1, 60, (4,), generator=gen).tolist()
+    sa = [[61, 62, 63], [61, 64], [70, 71, 72, 73]]  # post a's samples; the first two share an opening word
+    sb = [[80, 81], [82]]
+    pairs = [(qa, sa[0], sa[1]), (qa, sa[0], sa[2]), (qa, sa[2], sa[1]), (qb, sb[0], sb[1]), (qa, sa[0], sa[1])]
+    width = 16
+    row = lambda q, x: q + x + [pad] * (width - len(q) - len(x))  # noqa: E731
+    chosen = torch.tensor([row(q, c) for q, c, _ in pairs])
+    rejected = torch.tensor([row(q, r) for q, _, r in pairs])
+    query_lens = torch.tensor([len(q) for q, _, _ in pairs])
+    seen = []
+    handle = rm.trunk.register_forward_hook(lambda m, args, kwargs, out: seen.append(kwargs["input_ids"].shape),
+                                            with_kwargs=True)
+    rm.train()
+    try:
+        rm.zero_grad()
+        pc, pr = reward.forward_pair(rm, chosen, rejected, pad, query_lens)
+        (pc.sum() - 2 * pr.sum()).backward()
+        p_grads = [p.grad.clone() for p in rm.parameters()]
+        handle.remove()
+        rm.zero_grad()
+        sc, sr = reward.get_reward(rm, chosen, pad), reward.get_reward(rm, rejected, pad)
+        (sc.sum() - 2 * sr.sum()).backward()
+        s_grads = [p.grad.clone() for p in rm.parameters()]
+    finally:
+        handle.remove()
+        rm.zero_grad()
+        rm.eval()
+    assert torch.allclose(pc, sc, atol=1e-5) and torch.allclose(pr, sr, atol=1e-5)
+    for a, b in zip(p_grads, s_grads):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    assert [shape[0] for shape in seen] == [2, 5]  # 2 queries, then 3 + 2 distinct summaries (of 10 sequences)
+    with pytest.raises(ValueError, match="query_lens"):
+        reward.forward_pair(rm, chosen, rejected, pad, query_lens + 2)  # would cut into a summary
+    with pytest.raises(ValueError, match="query_lens must"):
+        reward.forward_pair(rm, chosen, rejected, pad, torch.full_like(query_lens, 0))
+
+
+def test_post_batches_keep_posts_together_and_each_pair_once():
+    """--group_pairs_by_post's sampler: a post's pairs come in a row, every pair at most once an epoch (the remainder
+    past the last full update dropped), the order a function of (seed, epoch)."""
+    posts = [f"p{i % 7}" for i in range(40)]  # 7 posts of 5-6 pairs, interleaved in the file
+    sampler = reward.PostBatches(posts, batch_size=4, per_update=2, seed=3)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 10 and all(len(b) == 4 for b in batches)
+    rows = [r for b in batches for r in b]
+    assert sorted(rows) == list(range(40))  # 40 pairs = 5 updates of 8: every pair once, none dropped
+    runs = [posts[r] for i, r in enumerate(rows) if i == 0 or posts[r] != posts[rows[i - 1]]]
+    assert len(runs) == len(set(runs)) == 7  # each post's pairs in one run
+    assert batches == list(reward.PostBatches(posts, 4, 2, seed=3))
+    sampler.set_epoch(1)
+    assert list(sampler) != batches
+    short = reward.PostBatches(posts[:37], batch_size=4, per_update=2, seed=3)  # 37 pairs: 4 updates, 5 dropped
+    assert len([r for b in short for r in b]) == len({r for b in short for r in b}) == 32
+
+
 # ------------------------------------------------------------------------------------------------ Detail 7
 def test_detail7_dropout_off(fake_run):
     """Detail 7: dropout probabilities 0 in the configs and modules; two train-mode forwards are identical."""
@@ -507,9 +567,11 @@ def test_reward_py_copied_alone_runs_without_the_embedded_modules(fake_run, tmp_
     assert (out / "config.json").exists()
 
 
-def test_detail16_detail10_accelerate_two_processes_see_every_pair_once(fake_run, tmp_path):
+@pytest.mark.parametrize("grouped", [False, True])
+def test_detail16_detail10_accelerate_two_processes_see_every_pair_once(fake_run, tmp_path, grouped):
     """Detail 16: with `accelerate launch --num_processes 2` (CPU, gloo) every training pair is seen exactly once
-    across the ranks, and the run completes; Detail 10: the model initialisation is identical on both ranks."""
+    across the ranks, and the run completes, also with the pairs grouped by post; Detail 10: the model
+    initialisation is identical on both ranks."""
     import socket
 
     out = tmp_path / "rm_ddp"
@@ -523,6 +585,7 @@ def test_detail16_detail10_accelerate_two_processes_see_every_pair_once(fake_run
            os.path.join(ROOT, "reward.py"), "--preset", "embedded", "--sft_model_path", fake_run.sft,
            "--dataset_path", fake_run.data, "--output_dir", str(out), "--total_batch_size", "32",
            "--per_device_train_batch_size", "8", "--norm_num_samples", "20", "--save_seen_ids"]
+    cmd += ["--group_pairs_by_post"] if grouped else []
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     records = [json.load(open(out / f"seen_ids_rank{r}.json")) for r in range(2)]
