@@ -50,7 +50,7 @@ class Args:
     """the rater round compares every pair of a training post's 6 samples (15), not 3 disjoint pairs
     (collect_feedback.py --all_pairs), and the reward model batches them by post (reward.py --group_pairs_by_post).
     s seeds 1-3: PPO minus SFT +0.145 / +0.110 / +0.210 against +0.150 / +0.010 / +0.195 with 3 pairs, every RM closer
-    to the gold judge, about 45 s more (docs/embedded_task.md)"""
+    to the gold judge, about 40 s more (seeds 2-3: 713 -> 767, 732 -> 760 s; docs/embedded_task.md)"""
     stages: str = "task,data,sft,feedback,rm,ppo,judge"
     """comma-separated subset of task,data,sft,feedback,rm,ppo,judge,dpo (dpo is optional: add it to run DPO too)"""
 

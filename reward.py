@@ -736,16 +736,15 @@ def main(args: Args) -> Dict[str, float]:
     optimizer, scheduler = make_optimizer_and_scheduler(model.parameters(), args.lr, args.eps, num_updates)
     # The scheduler is stepped by hand once per update (not prepared: accelerate would step it once per process).
     columns = ["query_chosen_token", "query_rejected_token", "_row"]
+    rows = train_ds.add_column("_row", list(range(len(train_ds))))
     if args.group_pairs_by_post:
         if "id" not in train_ds.column_names or "query_token" not in train_ds.column_names:
             raise ValueError("--group_pairs_by_post: the preference split 'train' needs columns 'id' and 'query_token'")
         sampler = PostBatches(train_ds["id"], micro, grad_accum * world, args.seed)
-        rows = train_ds.add_column("_row", list(range(len(train_ds))))
         train_loader = torch.utils.data.DataLoader(rows.with_format("torch", columns=columns + ["query_token"]),
                                                    batch_sampler=sampler)
     else:
-        train_loader = tensor_loader(train_ds.add_column("_row", list(range(len(train_ds)))), columns, micro,
-                                     shuffle=True, seed=args.seed, drop_last=True)
+        train_loader = tensor_loader(rows, columns, micro, shuffle=True, seed=args.seed, drop_last=True)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     console.print(f"[bold]reward model[/bold]: {len(train_ds)} train pairs, {num_updates} updates of "
                   f"{args.total_batch_size} = {micro} x {grad_accum} accum x {world} proc; dropped remainder {dropped}; "

@@ -28,6 +28,7 @@ import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from quickstart import cpu_model  # noqa: E402
 from reward import ScalarModel, ScalarModelConfig, get_reward, pairwise_loss, trim_padding, forward_pair  # noqa: E402
 
 SHAPES = {  # hidden, layers, heads: embedded_task.MODEL_SIZES and Pythia-1B
@@ -100,13 +101,12 @@ def time_path(fn, model, chosen, rejected, pad, repeats: int, device: str) -> fl
 
 
 def machine() -> str:
-    """Cores and CPU model (Linux), and whether it has AVX-512: the figures depend on it."""
+    """Cores, CPU model (quickstart.cpu_model) and whether it has AVX-512: the figures depend on it."""
     try:
-        info = open("/proc/cpuinfo").read()
-        name = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
-        return f"{os.cpu_count()} cores, {name}, {'with' if 'avx512f' in info else 'without'} AVX-512"
-    except (OSError, StopIteration):
-        return f"{os.cpu_count()} cores"
+        avx512 = "with" if "avx512f" in open("/proc/cpuinfo").read() else "without"
+    except OSError:
+        avx512 = "unknown"
+    return f"{os.cpu_count()} cores, {cpu_model()}, AVX-512: {avx512}"
 
 
 def main(args: Args) -> dict:
