@@ -222,8 +222,14 @@ def sft_labels(ids: torch.Tensor, pad_id: int, query_lens: Optional[torch.Tensor
 def sequence_losses(model, ids: torch.Tensor, pad_id: int, query_lens: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Each sequence's own token-mean cross-entropy, shape (batch,)."""
     labels = sft_labels(ids, pad_id, query_lens)[:, 1:]
+    # speed, with the loss on the response only (--noloss_on_query): vocabulary logits from the first position that
+    # predicts a response token (the shortest query's last token) on, the same losses (embedded s, random micro-batches
+    # of 16: 80 of 182 positions projected, forward + backward 180 -> 150 ms on one thread). The default loss on query
+    # and response projects every position.
+    start = max(int(query_lens.min()) - 1, 0) if query_lens is not None else 0
+    labels = labels[:, start:]
     # fp32 logits: the log-softmax runs in fp32 also under bf16 autocast (CPU autocast would keep it in bf16)
-    logits = forward(model, ids, pad_id).logits[:, :-1].float()
+    logits = forward(model, ids, pad_id, logits_to_keep=ids.shape[1] - start).logits[:, :-1].float()
     # flattened to (tokens, vocab): the log-softmax then runs over a contiguous last dimension, ~3x faster on CPU than
     # over the class dimension of the (batch, vocab, length) layout, with the same values
     token_losses = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,

@@ -76,6 +76,32 @@ def test_detail12_loss_matches_manual(tok):
                                sft.sft_loss(model, ids, pad))
 
 
+def test_detail12_response_loss_projects_only_from_the_shortest_query_on(tok):
+    """With query lengths, the vocabulary projection starts at the shortest query's last token: the losses and
+    gradients of full logits, from fewer projected positions."""
+    model = tiny_model(tok).eval()
+    pad = tok.pad_token_id
+    ids = torch.tensor([[5, 6, 7, 8, 9, pad, pad], [9, 10, 11, 12, 13, 14, 15], [7, 8, 9, 10, 11, 12, pad]])
+    query_lens = torch.tensor([3, 5, 4])
+    logp = torch.log_softmax(sft.forward(model, ids, pad).logits.double(), -1)
+    expected = torch.stack([torch.stack([-logp[b, t, ids[b, t + 1]] for t in range(int(query_lens[b]) - 1, 6)
+                                         if ids[b, t + 1] != pad]).mean() for b in range(3)]).float()
+    rows = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, a, out: rows.append(a[0].shape[1]))
+    losses = sft.sequence_losses(model, ids, pad, query_lens)
+    handle.remove()
+    torch.testing.assert_close(losses, expected, atol=1e-6, rtol=1e-5)
+    assert rows == [7 - 2]  # positions 2..6: from the last token of the shortest query (3 tokens)
+    losses.mean().backward()
+    grad = model.gpt_neox.embed_in.weight.grad.clone()
+    model.zero_grad()
+    full = sft.forward(model, ids, pad).logits[:, :-1].float()
+    labels = sft.sft_labels(ids, pad, query_lens)[:, 1:]
+    ce = torch.nn.functional.cross_entropy(full.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    (ce.sum(1) / (labels != -100).sum(1)).mean().backward()
+    torch.testing.assert_close(grad, model.gpt_neox.embed_in.weight.grad, atol=1e-6, rtol=1e-5)
+
+
 def test_detail12_loss_is_mean_of_per_sequence_means_at_any_micro_batch(tok):
     """Detail 12: as released, the update's loss is the mean over its sequences of each sequence's token-mean (not one
     token-mean over the batch), whatever the micro-batch size and the accumulation."""

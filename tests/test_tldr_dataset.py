@@ -314,3 +314,27 @@ def test_local_jsonl_bad_line_names_file_and_line(tmp_path):
     (tmp_path / "train.jsonl").write_text("[1, 2]\n")
     with pytest.raises(ValueError, match=r"train\.jsonl, line 1: expected a JSON object, got list"):
         td.load_rows(str(tmp_path))
+
+
+def test_a_post_and_a_summary_are_tokenized_once_across_comparisons(tok):
+    """Speed: the rows of one post (15 comparisons a post in the embedded rater round) share its cut query and each
+    summary's tokens; the rows are those of a fresh tokenization, and a changed post is tokenized anew."""
+    class Counting:  # the tokenizer, counting encode calls
+        def __init__(self, inner):
+            self.inner, self.calls = inner, 0
+
+        def encode(self, *a, **kw):
+            self.calls += 1
+            return self.inner.encode(*a, **kw)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    counting = Counting(tok)
+    rows = [cmp_row(texts=t) for t in [(" bf moving", " trains"), (" trains", " a third one"), (" bf moving", " a third one")]]
+    built = [td.process_preference_row(r, counting, td.Args()) for r in rows]
+    assert counting.calls == 1 + 3  # one query, three distinct summaries
+    assert built == [td.process_preference_row(r, tok, td.Args()) for r in rows]
+    td.process_preference_row(cmp_row(texts=(" bf moving", " trains"), post=SHORT_ROW["post"] + " More."), counting, td.Args())
+    assert counting.calls == 1 + 3 + 1  # a new post: its query only; its summaries were seen
+    assert built[0]["query_token"] is not built[1]["query_token"]  # each row its own lists
