@@ -222,7 +222,7 @@ def sft_labels(ids: torch.Tensor, pad_id: int, query_lens: Optional[torch.Tensor
 def sequence_losses(model, ids: torch.Tensor, pad_id: int, query_lens: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Each sequence's own token-mean cross-entropy, shape (batch,)."""
     labels = sft_labels(ids, pad_id, query_lens)[:, 1:]
-    # speed, with the loss on the response only (--noloss_on_query): vocabulary logits from the first position that
+    # speed, with the loss on the response only (--no-loss-on-query): vocabulary logits from the first position that
     # predicts a response token (the shortest query's last token) on, the same losses (embedded s, random micro-batches
     # of 16: 80 of 182 positions projected, forward + backward 180 -> 150 ms on one thread). The default loss on query
     # and response projects every position.
