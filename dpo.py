@@ -70,7 +70,8 @@ class Args:
     num_train_epochs: int = 1
     """Detail 32: one epoch over the preference training pairs"""
     num_train_pairs: Optional[int] = None
-    """use only the first N training pairs (None: all)"""
+    """train on N of the training pairs (None: all), a subset drawn with --seed: a rater round that compares every pair
+    of a post's samples writes its 15 pairs in a row, so the first 1,024 rows would cover 68 posts, a draw ~900"""
     bf16: bool = True
     """mixed precision bf16 where there is a GPU (ignored on CPU unless --bf16_on_cpu)"""
     bf16_on_cpu: bool = False
@@ -118,7 +119,7 @@ PRESETS = {
         lr=1e-4,
         total_batch_size=32,
         per_device_train_batch_size=16,
-        num_train_pairs=1024,  # about 2-3 CPU minutes; the full 5,980 pairs take ~6x longer
+        num_train_pairs=1024,  # about 2-3 CPU minutes at s; the rater round's ~45,000 pairs would take ~40x longer
         eval_every=0,
         num_val_pairs=500,
         per_device_eval_batch_size=50,
@@ -245,15 +246,17 @@ def response_mask(ids: torch.Tensor, query_lens: torch.Tensor, pad_id: int) -> t
     return mask & (real_index >= query_lens[:, None])
 
 
-def sequence_logprobs(logits: torch.Tensor, ids: torch.Tensor, query_lens: torch.Tensor, pad_id: int) -> torch.Tensor:
+def sequence_logprobs(logits: torch.Tensor, ids: torch.Tensor, query_lens: torch.Tensor, pad_id: int,
+                      start: int = 0) -> torch.Tensor:
     """Detail 32: sum of log p(token) over the response tokens only (query and pads excluded), per row.
 
-    `logits` are the model's outputs on `ids` (B, T, V); token t is predicted by the logits at t - 1.
+    `logits` are the model's outputs on `ids` (B, T, V) at positions `start` to T - 1; token t is predicted by the
+    logits at t - 1.
     """
     logits = logits[:, :-1].float()
-    targets = ids[:, 1:].masked_fill(ids[:, 1:] == pad_id, 0)  # a valid id for gather; masked out below
+    targets = ids[:, start + 1:].masked_fill(ids[:, start + 1:] == pad_id, 0)  # a valid id for gather; masked out below
     token_logp = torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
-    keep = response_mask(ids, query_lens, pad_id)[:, 1:]
+    keep = response_mask(ids, query_lens, pad_id)[:, start + 1:]
     return torch.where(keep, token_logp, torch.zeros_like(token_logp)).sum(-1)  # Detail 32: pads excluded
 
 
@@ -270,7 +273,12 @@ def pair_logprobs(model, chosen: torch.Tensor, rejected: torch.Tensor, query_len
                       F.pad(rejected, (0, width - rejected.shape[1]), value=pad_id)], 0)
     both = trim_right(both, pad_id)
     lens = torch.cat([query_lens, query_lens])
-    logp = sequence_logprobs(forward(model, both, pad_id).logits, both, lens, pad_id)
+    # speed: vocabulary logits from the position before the earliest response token on (the queries' common part is
+    # never scored): the same log-probabilities, a fraction of the projection (a TL;DR query is most of a row)
+    first = response_mask(both, lens, pad_id).float().argmax(1).min()
+    start = max(int(first) - 1, 0)
+    logits = forward(model, both, pad_id, logits_to_keep=both.shape[1] - start).logits
+    logp = sequence_logprobs(logits, both, lens, pad_id, start)
     n = chosen.shape[0]
     return logp[:n], logp[n:]
 
@@ -290,6 +298,12 @@ def reward_stats(chosen_rewards, rejected_rewards) -> Dict[str, float]:
     margin = chosen_rewards - rejected_rewards
     return {"reward_accuracy": float((margin > 0).mean()), "reward_margin": float(margin.mean()),
             "chosen_reward": float(chosen_rewards.mean()), "rejected_reward": float(rejected_rewards.mean())}
+
+
+def subset_pairs(ds, n: int, seed: int):
+    """`n` rows of `ds` drawn with `seed`, in their file order (all rows if `n` >= len(ds))."""
+    keep = np.random.default_rng(seed).permutation(len(ds))[:n]
+    return ds.select(np.sort(keep).tolist())
 
 
 def safe_key(s: str) -> str:
@@ -610,7 +624,7 @@ def main(args: Args) -> dict:
 
     train = pref["train"]
     if args.num_train_pairs is not None:
-        train = train.select(range(min(args.num_train_pairs, len(train))))
+        train = subset_pairs(train, args.num_train_pairs, args.seed)
     val_splits = {"val": pref["validation"]}
     if "validation_cnndm" in pref and len(pref["validation_cnndm"]):
         check_preference_split(pref["validation_cnndm"], "validation_cnndm")

@@ -120,6 +120,29 @@ def test_detail32_chosen_and_rejected_in_one_forward(tok):
         torch.testing.assert_close(got, alone, atol=1e-5, rtol=1e-5)
 
 
+def test_detail32_pair_logprobs_project_only_from_the_earliest_response_token(tok):
+    """Rows with queries of 3 and 5 tokens: the vocabulary projection covers positions 2.. (the shortest query's last
+    token on), and the log-probabilities and their gradients are those of full logits."""
+    model = tiny_model(tok).eval()
+    pad = tok.pad_token_id
+    chosen = torch.tensor([[5, 6, 7, 8, 0, pad, pad, pad], [5, 6, 7, 8, 9, 10, 11, 0]])
+    rejected = torch.tensor([[5, 6, 7, 12, 13, 0, pad, pad], [5, 6, 7, 8, 9, 14, 0, pad]])
+    qlen = torch.tensor([3, 5])
+    rows = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, a, out: rows.append(a[0].shape[1]))
+    c, r = dpo.pair_logprobs(model, chosen, rejected, qlen, pad)
+    handle.remove()
+    assert rows == [8 - 2]
+    (c - r).sum().backward()
+    grad = model.gpt_neox.embed_in.weight.grad.clone()
+    model.zero_grad()
+    full = [dpo.sequence_logprobs(dpo.forward(model, ids, pad).logits, ids, qlen, pad) for ids in (chosen, rejected)]
+    torch.testing.assert_close(c, full[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(r, full[1], atol=1e-5, rtol=1e-5)
+    (full[0] - full[1]).sum().backward()
+    torch.testing.assert_close(grad, model.gpt_neox.embed_in.weight.grad, atol=1e-5, rtol=1e-5)
+
+
 def test_detail32_step0_policy_equals_reference_loss_is_log2(tok, tmp_path):
     tiny_model(tok, dropout=0.1, path=str(tmp_path))
     policy = dpo.load_policy(str(tmp_path), tok)
@@ -332,3 +355,16 @@ def test_detail6_validation_cnndm_scored_in_width_scaled_batches(tok):
     calls.clear()
     dpo.pairs_logprobs(model, pairs(12, 512, 638), pad, 16, accelerator)
     assert calls == [24]
+
+
+def test_num_train_pairs_draws_pairs_across_posts():
+    """A rater round writes a post's 15 pairs in a row: --num_train_pairs draws its subset with the seed (about as many
+    posts as pairs), not the first rows (a fifteenth as many posts)."""
+    from datasets import Dataset
+
+    ds = Dataset.from_dict({"id": [f"p{i // 15}" for i in range(15000)], "row": list(range(15000))})
+    sub = dpo.subset_pairs(ds, 64, seed=1)
+    assert len(sub) == 64 and sub["row"] == sorted(sub["row"]) and len(set(sub["row"])) == 64
+    assert len(set(sub["id"])) > 50  # the first 64 rows would be 5 posts
+    assert sub["row"] == dpo.subset_pairs(ds, 64, seed=1)["row"] != dpo.subset_pairs(ds, 64, seed=2)["row"]
+    assert dpo.subset_pairs(ds, 20000, seed=1)["row"] == list(range(15000))
