@@ -158,7 +158,13 @@ def collect(args: Args, split: str, n_posts: int, model, tokenizer, records: Dic
     for row in labelled:
         row["split"] = "train" if split == "train" else "valid1"  # the raw data's split names
     stats["identical_pairs_skipped"] = identical
-    outcomes = [et.fact_outcomes(d["rec"], s) for d in drafts for s in (d["sa"], d["sb"])]
+    outcomes, seen = [], {}  # per sample of a pair (a sample is in several pairs: its outcome is computed once)
+    for d in drafts:
+        for s in (d["sa"], d["sb"]):
+            key = (d["rec"]["id"], s)
+            if key not in seen:
+                seen[key] = et.fact_outcomes(d["rec"], s)
+            outcomes.append(seen[key])
     stats["sample_fact_rates"] = {k: {o: sum(x[k] == o for x in outcomes) / max(1, len(outcomes))
                                       for o in ("right", "wrong", "missing")} for k in et.SALIENT}
     return labelled, stats

@@ -384,3 +384,21 @@ def test_bf16_pretraining_runs_under_autocast(tmp_path, monkeypatch):
     assert a["val_loss"] < a["val_loss_init"] - 0.5 and a["final_train_loss"] != b["final_train_loss"]
     from transformers import GPTNeoXForCausalLM
     assert GPTNeoXForCausalLM.from_pretrained(str(tmp_path / "a")).gpt_neox.embed_in.weight.dtype == torch.float32
+
+
+def test_rater_round_scores_each_distinct_sample_once(data, monkeypatch):
+    """label_comparisons scores a (post, summary) once however many pairs it is in (a 15-pair rater round repeats each
+    sample 5 times), and its rows are those of labelling each pair on its own (the same rater draw per pair)."""
+    by_id = {r["id"]: r for r in data["records"]}
+    rows = data["sft_train"][:20]
+    recs = [by_id[r["id"]] for r in rows]
+    samples = [[r["summary"], r["summary"] + " and more", "nothing here"] for r in rows]
+    triples = [(rec, s[i], s[j]) for rec, s in zip(recs, samples) for i, j in ((0, 1), (0, 2), (1, 2))]
+    drafts = [dict(rec=rec, pa="sft_sample", pb="sft_sample", sa=a, sb=b, k=k) for k, (rec, a, b) in enumerate(triples)]
+    alone = [et.label_comparisons([d], 7, "feedback_train", 0.5)[0][0] for d in drafts]
+    calls = []
+    real = et.score_against_record
+    monkeypatch.setattr(et, "score_against_record", lambda rec, s, w=et.JudgeWeights(): calls.append(1) or real(rec, s, w))
+    rows, stats = et.label_comparisons(drafts, 7, "feedback_train", 0.5)
+    assert len(calls) == 3 * len(recs) < 2 * len(drafts)
+    assert rows == alone and stats["n"] == len(drafts)
