@@ -78,6 +78,13 @@ def test_all_pairs_compares_every_pair_of_the_same_samples(setup, tmp_path):
     assert max(sum(1 for p, _ in samples(rows("a", "train")) if p == post) for post, _ in texts(rows("a", "train"))) <= 6
     assert texts(rows("a", "validation")) == texts(rows("d", "validation"))
     assert every["validation"]["n"] == disjoint["validation"]["n"]
+    # the sample fact rates (each sample's outcome computed once, though it is in up to 5 pairs) are those of every
+    # summary of every written pair against its own post
+    records = {r["id"]: r for r in et.read_jsonl(os.path.join(setup[0], "gold", "records.jsonl"))}
+    outcomes = [et.fact_outcomes(records[r["info"]["id"]], s["text"][1:]) for r in rows("a", "train") for s in r["summaries"]]
+    expect = {k: {o: sum(x[k] == o for x in outcomes) / len(outcomes) for o in ("right", "wrong", "missing")} for k in et.SALIENT}
+    got = every["train"]["sample_fact_rates"]
+    assert set(got) == set(expect) and all(got[k] == pytest.approx(expect[k]) for k in expect)
 
 
 def test_same_seed_same_comparisons(setup, tmp_path):
