@@ -35,7 +35,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, GenerationConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, GenerationConfig, StaticCache
 
 import embedded_task as et
 
@@ -109,13 +109,19 @@ def sample_pairs(model, tokenizer, queries: List[str], args: Args, all_pairs: bo
     # speed: the k samples of a post share its prompt, so the prompt (all but its last token) runs once per post and
     # its KV cache is repeated k times; generate then starts at the last prompt token. The same tokens as k separate
     # prompts (tests/test_collect_feedback.py); 300 size-s samples 3.0 s -> 1.9 s (prefill was 40% of the time).
-    cache = DynamicCache(config=model.config)
+    prefix = DynamicCache(config=model.config)
     if q1.shape[1] > 1:
         m1 = q1[:, :-1] != pad_id
         positions = (m1.long().cumsum(1) - 1).clamp(min=0)  # Detail 11: positions count real tokens only
-        model(input_ids=q1[:, :-1].masked_fill(~m1, 0), attention_mask=m1.long(), position_ids=positions, cache=cache,
+        model(input_ids=q1[:, :-1].masked_fill(~m1, 0), attention_mask=m1.long(), position_ids=positions, cache=prefix,
               use_cache=True)
-        cache.batch_repeat_interleave(k)
+    # speed: the repeated prefix goes into a preallocated ("static") cache, which each new token fills in place instead
+    # of the dynamic cache's concatenation of every layer at every step. The same tokens (tests); 900 size-s samples
+    # 8.3 -> 5.2 s, 600 size-m 13.9 -> 6.5 s, 600 size-l 38.5 -> 12.6 s (one thread, EPYC without AVX-512)
+    cache = StaticCache(config=model.config, max_cache_len=q.shape[1] + args.response_length)
+    if q1.shape[1] > 1:
+        for i, layer in enumerate(prefix.layers):
+            cache.update(layer.keys.repeat_interleave(k, dim=0), layer.values.repeat_interleave(k, dim=0), i)
     # positions follow the attention mask inside generate (Detail 11); pads become a valid id before the embedding
     out = model.generate(input_ids=q.masked_fill(~mask, 0), attention_mask=mask.long(), cache=cache, generation_config=config)
     texts = []

@@ -153,8 +153,9 @@ def test_two_processes_cover_every_post_once_in_post_order(setup, tmp_path):
 
 
 def test_shared_prompt_prefill_samples_the_tokens_of_separate_prompts(setup):
-    """sample_pairs runs each prompt once and repeats its KV cache: the samples equal those of generate on the
-    prompt repeated k times (left padding of different lengths included), seed for seed."""
+    """sample_pairs runs each prompt once and repeats its KV cache into a preallocated (static) cache: the samples
+    equal those of generate with its default dynamic cache on the prompt repeated k times (left padding of different
+    lengths included), seed for seed."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
