@@ -109,17 +109,16 @@ def sample_pairs(model, tokenizer, queries: List[str], args: Args, all_pairs: bo
     # speed: the k samples of a post share its prompt, so the prompt (all but its last token) runs once per post and
     # its KV cache is repeated k times; generate then starts at the last prompt token. The same tokens as k separate
     # prompts (tests/test_collect_feedback.py); 300 size-s samples 3.0 s -> 1.9 s (prefill was 40% of the time).
-    prefix = DynamicCache(config=model.config)
-    if q1.shape[1] > 1:
-        m1 = q1[:, :-1] != pad_id
-        positions = (m1.long().cumsum(1) - 1).clamp(min=0)  # Detail 11: positions count real tokens only
-        model(input_ids=q1[:, :-1].masked_fill(~m1, 0), attention_mask=m1.long(), position_ids=positions, cache=prefix,
-              use_cache=True)
     # speed: the repeated prefix goes into a preallocated ("static") cache, which each new token fills in place instead
     # of the dynamic cache's concatenation of every layer at every step. The same tokens (tests); 900 size-s samples
     # 8.3 -> 5.2 s, 600 size-m 13.9 -> 6.5 s, 600 size-l 38.5 -> 12.6 s (one thread, EPYC without AVX-512)
     cache = StaticCache(config=model.config, max_cache_len=q.shape[1] + args.response_length)
     if q1.shape[1] > 1:
+        m1 = q1[:, :-1] != pad_id
+        positions = (m1.long().cumsum(1) - 1).clamp(min=0)  # Detail 11: positions count real tokens only
+        prefix = DynamicCache(config=model.config)
+        model(input_ids=q1[:, :-1].masked_fill(~m1, 0), attention_mask=m1.long(), position_ids=positions, cache=prefix,
+              use_cache=True)
         for i, layer in enumerate(prefix.layers):
             cache.update(layer.keys.repeat_interleave(k, dim=0), layer.values.repeat_interleave(k, dim=0), i)
     # positions follow the attention mask inside generate (Detail 11); pads become a valid id before the embedding
