@@ -1391,7 +1391,7 @@ def build(args: Args, log=print) -> dict:
     tok = AutoTokenizer.from_pretrained(tok_dir)
 
     base = task.setdefault("base_models", {})
-    for i, s in enumerate(sizes):
+    for s in sizes:
         mdir = os.path.join(out, f"base-{s}")
         # content hashes: a rebuilt but identical tokenizer / corpus does not force a new pretraining run
         stamp = _stamp([_file_hash(os.path.join(tok_dir, "tokenizer.json")),
@@ -1404,7 +1404,9 @@ def build(args: Args, log=print) -> dict:
             log(f"base-{s}: up to date")
             continue
         texts = [json.loads(line)["text"] for line in open(os.path.join(out, "gold/pretrain_texts.jsonl"), encoding="utf-8")]
-        info = pretrain(s, tok, texts, mdir, seed=args.seed * 1000 + i, steps=args.pretrain_steps or None,
+        # one pretraining seed for every size, whichever other sizes this call builds: `--sizes m` and `--sizes s,m,l`
+        # give the same base-m, so a sweep's shared task holds the quickstart's base models of the same seed
+        info = pretrain(s, tok, texts, mdir, seed=args.seed * 1000, steps=args.pretrain_steps or None,
                         batch_size=args.pretrain_batch_size, block=args.pretrain_block, log=log,
                         num_threads=args.num_threads, bf16=args.bf16)
         info["stamp"] = stamp

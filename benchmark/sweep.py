@@ -80,8 +80,9 @@ class Args:
     """comma-separated seeds (empty: the paper's 44413,55513,66613,77713 for real, 1,2,3 for embedded)"""
     stages: str = ""
     """subset of data,sft,feedback,rm,ppo,judge,dpo (dpo adds DPO + its judge); data is built once for the sweep.
-    Empty: sft,rm,ppo,judge (real) or sft,feedback,rm,ppo,judge (embedded: feedback = collect_feedback.py's rater
-    round on each SFT model's own samples, which the run's RM and PPO then read, as in the quickstart)"""
+    Empty: sft,rm,ppo,judge (real) or data,sft,feedback,rm,ppo,judge,dpo (embedded: data builds the task and its data
+    set, a no-op for the parts already built; feedback = collect_feedback.py's rater round on each SFT model's own
+    samples, which the run's RM, PPO and DPO then read, as in the quickstart)"""
     out_dir: str = ""
     """sweep folder (default runs/sweep for real, runs/sweep_embedded for embedded)"""
     dry_run: bool = False
@@ -108,7 +109,8 @@ class Args:
     # embedded mode: every stage runs its `embedded` preset, exactly as in quickstart.py; a shrink flag below is
     # passed only when set (recorded in {out_dir}/sweep_args.json)
     task_dir: str = ""
-    """embedded task folder (default {out_dir}/task); built with embedded_task.py when missing"""
+    """embedded task folder (default {out_dir}/task); the `data` stage builds it with embedded_task.py (base models
+    of the swept sizes only, each with the task seed's pretraining seed, so base-m is the quickstart's base-m)"""
     task_seed: int = 1
     """seed of the embedded task's data (fixed across the sweep: the seeds vary training, not the data)"""
     max_rows: Optional[int] = None
@@ -129,7 +131,8 @@ class Args:
     """embedded: the raters compare every pair of a post's 6 samples and the RM batches them by post, as
     quickstart.py --feedback_all_pairs (its default); --no-feedback-all-pairs: 3 disjoint pairs a post"""
     threads: int = 1
-    """OMP_NUM_THREADS / torch threads of every embedded process"""
+    """OMP_NUM_THREADS / torch threads of every embedded process of a chain; the task build, which runs alone before
+    the chains, gets threads x jobs"""
     precision: Literal["fp32", "bf16"] = "fp32"
     """embedded: bf16 trains every stage and pretrains the base models under CPU bf16 autocast (quickstart.py --precision)"""
 
@@ -228,6 +231,8 @@ def embedded_commands(args: Args, size: str, seed: int, stages: List[str]) -> Li
         cmds.append((run_name("rm", size, seed), [py, "reward.py", "--preset", "embedded", "--base_model",
                      os.path.join(task, f"base-{size}"), "--sft_model_path", d["sft"], "--output_dir", d["rm"], *rl_common,
                      "--lr", str(embedded_rm_lr(size)),
+                     # also scored on the task's generated comparisons: the same pairs for every size and seed
+                     *(["--fixed_val_dataset_path", data] if "feedback" in stages else []),
                      *opt("--num_train_pairs", args.rm_train_pairs), *opt("--num_val_pairs", args.rm_val_pairs), *bf16,
                      *(["--group_pairs_by_post", "--total_batch_size", "32", "--per_device_train_batch_size", "32"]
                        if all_pairs else [])]))
@@ -251,7 +256,7 @@ def embedded_commands(args: Args, size: str, seed: int, stages: List[str]) -> Li
     return cmds
 
 
-def data_commands(args: Args) -> List[Tuple[str, List[str]]]:
+def data_commands(args: Args, sizes: List[str]) -> List[Tuple[str, List[str]]]:
     o = args.out_dir
     data = args.dataset_dir or os.path.join(o, "dataset")
     if args.mode == "real":
@@ -260,15 +265,19 @@ def data_commands(args: Args) -> List[Tuple[str, List[str]]]:
                           "--output_dir", data])]
     task = args.task_dir or os.path.join(o, "task")
     py = sys.executable
-    return [("task", [py, "embedded_task.py", "--out_dir", task, "--seed", str(args.task_seed), "--sizes", "s,m,l",
-                      "--num_threads", str(args.threads), *(["--bf16"] if args.precision == "bf16" else [])]),
+    # the task build runs alone, before the chains: it gets every chain's threads (2 x 1 on two cores: the quickstart's
+    # 2 pretraining threads, hence its base models, bit for bit, for task seed = quickstart seed)
+    build_sizes = ",".join(s for s in EMBEDDED_SIZES if s in sizes)
+    return [("task", [py, "embedded_task.py", "--out_dir", task, "--seed", str(args.task_seed), "--sizes", build_sizes,
+                      "--num_threads", str(args.threads * max(1, args.jobs)),
+                      *(["--bf16"] if args.precision == "bf16" else [])]),
             ("data", [py, "tldr_dataset.py", "--source", "embedded", "--task_dir", task, "--output_dir", data]
              + ([] if args.max_rows is None else ["--max_rows", str(args.max_rows)]))]
 
 
 def plan(args: Args) -> Tuple[List[Tuple[str, List[str]]], List[List[Tuple[str, List[str]]]]]:
     """(setup commands, one command chain per (size, seed)) in launch order: seed-major, larger sizes first."""
-    stages = parse_list(args.stages, "sft,rm,ppo,judge" if args.mode == "real" else "sft,feedback,rm,ppo,judge")
+    stages = parse_list(args.stages, "sft,rm,ppo,judge" if args.mode == "real" else "data,sft,feedback,rm,ppo,judge,dpo")
     bad = set(stages) - {"data", "sft", "feedback", "rm", "ppo", "judge", "dpo"}
     if bad:
         raise ValueError(f"--stages: unknown {sorted(bad)}")
@@ -280,7 +289,7 @@ def plan(args: Args) -> Tuple[List[Tuple[str, List[str]]], List[List[Tuple[str, 
     order = list(REAL_SIZES) if args.mode == "real" else list(EMBEDDED_SIZES)
     sizes = sorted(sizes, key=lambda s: -order.index(s) if s in order else 0)
     build = real_commands if args.mode == "real" else embedded_commands
-    setup = data_commands(args) if "data" in stages else []
+    setup = data_commands(args, sizes) if "data" in stages else []
     if args.order == "size":
         chains = [build(args, size, seed, stages) for size in sizes for seed in seeds]
     else:
@@ -292,10 +301,11 @@ def fmt(argv: List[str]) -> str:
     return " ".join(shlex.quote(a) for a in argv)
 
 
-def env_for(args: Args) -> dict:
+def env_for(args: Args, setup: bool = False) -> dict:
     env = dict(os.environ)
     if args.mode == "embedded":
-        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
+        n = str(args.threads * (max(1, args.jobs) if setup else 1))  # the setup runs alone, the chains side by side
+        env.update(OMP_NUM_THREADS=n, MKL_NUM_THREADS=n, TOKENIZERS_PARALLELISM="false")
     return env
 
 
@@ -309,7 +319,7 @@ def run_one(args: Args, name: str, argv: List[str]) -> bool:
     t0 = time.time()
     print(f"[start {time.strftime('%H:%M:%S')}] {name}: {fmt(argv)}", flush=True)
     with open(log_path, "w") as log:
-        rc = subprocess.call(argv, stdout=log, stderr=subprocess.STDOUT, env=env_for(args))
+        rc = subprocess.call(argv, stdout=log, stderr=subprocess.STDOUT, env=env_for(args, setup=name in ("task", "data")))
     print(f"[{'done' if rc == 0 else 'FAILED'} {time.strftime('%H:%M:%S')}] {name} in {time.time() - t0:.0f}s"
           + ("" if rc == 0 else f" (exit {rc}; log {log_path})"), flush=True)
     return rc == 0
@@ -395,17 +405,22 @@ def main(args: Args) -> None:
     os.makedirs(args.out_dir, exist_ok=True)
     with open(os.path.join(args.out_dir, "sweep_args.json"), "w") as f:
         json.dump(dataclasses.asdict(args), f, indent=2)
+    t0 = time.time()
     for name, argv in setup:
         if not run_one(args, name, argv):
             raise SystemExit(f"{name} failed")
-    t0 = time.time()
+    t1 = time.time()
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         ok = list(pool.map(lambda ch: run_chain(args, ch), chains))
-    wall = time.time() - t0
-    print(f"sweep finished in {wall:.0f}s: {sum(ok)}/{len(ok)} chains complete", flush=True)
-    # the wall time and the machine, for benchmark/report.py's JSON summary
+    t2 = time.time()
+    print(f"sweep finished in {t2 - t0:.0f}s (setup {t1 - t0:.0f}s, chains {t2 - t1:.0f}s): "
+          f"{sum(ok)}/{len(ok)} chains complete", flush=True)
+    # the wall time (setup included; stages skipped on a resumed sweep cost nothing) and the machine, for
+    # benchmark/report.py's JSON summary
     with open(os.path.join(args.out_dir, "sweep_timing.json"), "w") as f:
-        json.dump({"wall_seconds": round(wall, 1), "jobs": args.jobs, "chains_complete": sum(ok), "chains": len(ok),
+        json.dump({"wall_seconds": round(t2 - t0, 1), "setup_seconds": round(t1 - t0, 1),
+                   "chains_seconds": round(t2 - t1, 1), "jobs": args.jobs, "threads": args.threads,
+                   "sizes": args.sizes, "seeds": args.seeds, "chains_complete": sum(ok), "chains": len(ok),
                    "machine": f"{platform.node()} ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"}, f)
     if not all(ok):
         raise SystemExit(1)

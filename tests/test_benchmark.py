@@ -372,18 +372,33 @@ def test_embedded_default_runs_feedback_before_rm_and_ppo(tmp_path):
     args = sweep.Args(mode="embedded", sizes="s", seeds="2", out_dir=str(tmp_path / "e"))
     _, chains = sweep.plan(args)
     names = [n for n, _ in chains[0]]
-    assert names == ["sft_s_2", "feedback_s_2", "fdata_s_2", "rm_s_2", "ppo_s_2", "judge_ppo_s_2"]
+    assert names == ["sft_s_2", "feedback_s_2", "fdata_s_2", "rm_s_2", "ppo_s_2", "judge_ppo_s_2", "dpo_s_2",
+                     "judge_dpo_s_2"]
     f = {name: flags(argv) for name, argv in chains[0]}
     assert f["feedback_s_2"]["policy_path"] == f["sft_s_2"]["output_dir"] and f["feedback_s_2"]["seed"] == "2"
     assert f["fdata_s_2"]["comparisons_dir"] == f["feedback_s_2"]["output_dir"]
-    for stage in ("rm_s_2", "ppo_s_2"):
+    for stage in ("rm_s_2", "ppo_s_2", "dpo_s_2"):
         assert f[stage]["dataset_path"] == f["fdata_s_2"]["output_dir"]
+    # the RM is also scored on the task's own comparisons, the same pairs at every size and seed (as quickstart.py)
+    assert f["rm_s_2"]["fixed_val_dataset_path"] == f["sft_s_2"]["dataset_path"]
     assert f["sft_s_2"]["dataset_path"] != f["fdata_s_2"]["output_dir"]
     no_feedback = {n: flags(a) for n, a in sweep.plan(sweep.Args(mode="embedded", sizes="s", seeds="2", stages="sft,rm",
                                                                  out_dir=str(tmp_path / "e")))[1][0]}
     assert no_feedback["rm_s_2"]["dataset_path"] == f["sft_s_2"]["dataset_path"]
     with pytest.raises(ValueError, match="feedback .* embedded task only"):
         sweep.plan(sweep.Args(mode="real", stages="sft,feedback", out_dir=str(tmp_path / "r")))
+
+
+def test_embedded_default_builds_the_task_of_the_swept_sizes(tmp_path):
+    """By default the embedded sweep builds its task (base models of the swept sizes only) and data set before the
+    chains; the build runs alone, so it gets every job's threads, its environment too."""
+    args = sweep.Args(mode="embedded", sizes="l,s", seeds="1,2", jobs=2, task_seed=5, out_dir=str(tmp_path / "e"))
+    setup, chains = sweep.plan(args)
+    assert [n for n, _ in setup] == ["task", "data"]
+    task = flags(dict(setup)["task"])
+    assert task["sizes"] == "s,l" and task["num_threads"] == "2" and task["seed"] == "5"
+    assert task["out_dir"] == flags(chains[0][0][1])["gold_task_dir"]
+    assert sweep.env_for(args, setup=True)["OMP_NUM_THREADS"] == "2" and sweep.env_for(args)["OMP_NUM_THREADS"] == "1"
 
 
 def test_sweep_writes_timing_for_the_report(tmp_path, monkeypatch):
@@ -393,6 +408,7 @@ def test_sweep_writes_timing_for_the_report(tmp_path, monkeypatch):
     sweep.main(args)
     timing = json.loads((tmp_path / "t" / "sweep_timing.json").read_text())
     assert timing["chains"] == 2 and timing["chains_complete"] == 2 and timing["wall_seconds"] >= 0
+    assert timing["wall_seconds"] >= timing["setup_seconds"] + timing["chains_seconds"] - 0.2
     assert "cores" in timing["machine"]
     assert report.sweep_summary({}, str(tmp_path / "t"))["wall_seconds"] == timing["wall_seconds"]
 

@@ -402,3 +402,20 @@ def test_rater_round_scores_each_distinct_sample_once(data, monkeypatch):
     rows, stats = et.label_comparisons(drafts, 7, "feedback_train", 0.5)
     assert len(calls) == 3 * len(recs) < 2 * len(drafts)
     assert rows == alone and stats["n"] == len(drafts)
+
+
+def test_base_model_seed_does_not_depend_on_the_other_sizes_built(tmp_path, monkeypatch):
+    """Every size pretrains with the task seed's pretraining seed whatever --sizes lists, so a sweep that builds s,m,l
+    in one task holds the same base-m as a quickstart that builds m alone (same seed, same threads)."""
+    seeds = {}
+
+    def fake_pretrain(size, tok, texts, mdir, seed, **kw):
+        seeds.setdefault(size, []).append(seed)
+        os.makedirs(mdir, exist_ok=True)
+        return {"config": {}}
+
+    monkeypatch.setattr(et, "pretrain", fake_pretrain)
+    for i, sizes in enumerate(("m", "s,m,l")):
+        et.build(et.Args(out_dir=str(tmp_path / f"t{i}"), seed=4, sizes=sizes, vocab_size=600, num_threads=1,
+                         **SMALL), log=lambda *a: None)
+    assert seeds == {"m": [4000, 4000], "s": [4000], "l": [4000]}
