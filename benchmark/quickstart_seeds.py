@@ -85,7 +85,7 @@ def summarise(per_seed: Dict[int, dict], machine: str) -> dict:
         out["per_seed"][str(seed)] = {k: s.get(k) for k, _ in METRICS}
         # kept where the run has them, not in the README table: the optional DPO stage; the RM on the task's fixed pairs
         # and its agreement with the gold judge on its own validation pairs (newer runs)
-        for key in ("dpo_gold_win_rate", "rm_fixed_val_accuracy", "rm_gold_agreement"):
+        for key in ("dpo_gold_win_rate", "rm_fixed_val_accuracy", "rm_gold_agreement", "rm_val_label_agreement"):
             if s.get(key) is not None:
                 out["per_seed"][str(seed)][key] = s[key]
         out["per_seed"][str(seed)].update(ppo_minus_sft_ci=[s.get("judge_diff_win_rate_ci_low"),
@@ -156,6 +156,11 @@ def main(args: Args) -> dict:
             raise FileNotFoundError(f"{path} not found: run without --no-run, or check that seed's logs")
         with open(path) as f:
             per_seed[seed] = json.load(f)
+        # the raters' agreement with the gold judge on the RM's validation pairs: the ceiling of its accuracy there
+        feedback = os.path.join(run_dir, "feedback", "feedback.json")
+        if os.path.exists(feedback):
+            with open(feedback) as f:
+                per_seed[seed]["rm_val_label_agreement"] = json.load(f).get("validation", {}).get("label_agreement")
     # the machine the runs recorded (quickstart.py writes it), else this one
     recorded = sorted({s["machine"] for s in per_seed.values() if s.get("machine")})
     machine = "; ".join(recorded) or f"{platform.node()} ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"

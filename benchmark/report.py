@@ -27,7 +27,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import tyro
 
-RUN_RE = re.compile(r"^(sft|rm|ppo|dpo|judge_ppo|judge_dpo)_(.+)_(\d+)$")
+RUN_RE = re.compile(r"^(sft|feedback|rm|ppo|dpo|judge_ppo|judge_dpo)_(.+)_(\d+)$")
 SIZE_ORDER = ["s", "m", "l", "1b", "2.8b", "6.9b"]
 
 
@@ -92,6 +92,9 @@ def finite(x) -> bool:
 
 def load_run(stage: str, path: str) -> Optional[dict]:
     """One finished run folder of `stage` as {"metrics": dict[, "samples", "history"]}; None while unfinished."""
+    if stage == "feedback":  # the rater round: its validation pairs' statistics (collect_feedback.py's feedback.json)
+        metrics = (read_json(os.path.join(path, "feedback.json")) or {}).get("validation")
+        return {"metrics": dict(metrics)} if metrics else None
     metrics = read_json(os.path.join(path, "metrics.json"))
     if metrics is None:
         return None
@@ -124,7 +127,7 @@ def collect(sweep_dir: str) -> Dict[str, Dict[str, Dict[int, dict]]]:
 
 
 # a quickstart.py output folder: the stage folders under their quickstart names
-QUICKSTART_STAGES = {"sft": "sft", "rm": "rm", "ppo": "ppo", "dpo": "dpo", "judge_ppo": "judge"}
+QUICKSTART_STAGES = {"sft": "sft", "feedback": "feedback", "rm": "rm", "ppo": "ppo", "dpo": "dpo", "judge_ppo": "judge"}
 
 
 def collect_quickstart(dirs: List[str]):
@@ -477,6 +480,9 @@ def sweep_summary(runs, sweep_dir: str, num_bins: int = 10, timing: Optional[dic
                         ("rm_fixed_gold_agreement", values(runs, "rm", s, "fixed_gold_agreement")),
                         # the RM's agreement with the gold judge on its own validation pairs (the raters' labels' truth)
                         ("rm_gold_agreement", values(runs, "rm", s, "gold_agreement")),
+                        # the raters' agreement with the gold judge on those pairs: the ceiling of rm_val_accuracy,
+                        # lower where the SFT model's samples are closer in quality
+                        ("rm_val_label_agreement", values(runs, "feedback", s, "label_agreement")),
                         ("sft_win_rate", wr["SFT"]),
                         ("ppo_win_rate", wr["PPO"]), ("dpo_win_rate", wr["DPO"]),
                         ("final_kl", values(runs, "ppo", s, "final_kl")),
@@ -536,6 +542,8 @@ def merge_rerun(runs, size: str, seed: int, r: dict, path: str) -> None:
             rm[key] = r[name]
     if seed not in runs["dpo"].get(size, {}) and r.get("dpo_gold_win_rate") is not None:
         runs["dpo"][size][seed] = {"metrics": {"gold_win_rate": r["dpo_gold_win_rate"]}}
+    if seed not in runs["feedback"].get(size, {}) and r.get("rm_val_label_agreement") is not None:
+        runs["feedback"][size][seed] = {"metrics": {"label_agreement": r["rm_val_label_agreement"]}}
 
 
 def collect_seed_files(files: List[str]):
@@ -568,6 +576,8 @@ def collect_seed_files(files: List[str]):
                                                    "eval_gold_score": r.get("ppo_gold_score")}, "history": []}
             if r.get("dpo_gold_win_rate") is not None:
                 runs["dpo"][size][seed] = {"metrics": {"gold_win_rate": r["dpo_gold_win_rate"]}}
+            if r.get("rm_val_label_agreement") is not None:
+                runs["feedback"][size][seed] = {"metrics": {"label_agreement": r["rm_val_label_agreement"]}}
             judge = {"win_rate": r.get("ppo_gold_win_rate"), "compare_win_rate": r.get("sft_gold_win_rate"),
                      "diff_win_rate_ci_low": (r.get("ppo_minus_sft_ci") or [None])[0]}
             b = d.get("by_length_bin") or {}

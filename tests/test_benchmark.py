@@ -257,6 +257,9 @@ def write_fake_sweep(root, sizes=("s", "m", "l"), seeds=(1, 2, 3)):
                 rm[f"val_accuracy/confidence_{c}"] = 0.5 + 0.03 * c + 0.02 * i
                 rm[f"val_count/confidence_{c}"] = 10 if c != 4 else 30
             dump(f"rm_{size}_{seed}", rm)
+            fb = root / f"feedback_{size}_{seed}"  # the rater round: feedback.json, not metrics.json
+            fb.mkdir(parents=True)
+            (fb / "feedback.json").write_text(json.dumps({"validation": {"label_agreement": 0.75 - 0.03 * i}}))
             dump(f"sft_{size}_{seed}", {"gold_win_rate": 0.2 + 0.05 * i, "val_loss": 1.0})
             (root / f"sft_{size}_{seed}" / "eval_samples.jsonl").write_text("\n".join(
                 json.dumps({"id": str(k), "response": "x", "response_token_len": 20, "gold_score": -2.0 + i + k,
@@ -294,6 +297,9 @@ def test_report_on_fake_sweep(tmp_path):
         assert p.exists() and p.stat().st_size > 5000, name
     runs = report.collect(str(sweep_dir))
     assert sorted(runs["ppo"]["l"]) == [1, 2, 3]  # the unfinished ppo_l_9 is not there
+    # the raters' label agreement on each size's own validation pairs, the ceiling of the RM's accuracy there
+    summary = report.sweep_summary(runs, str(sweep_dir))
+    assert [summary["sizes"][s]["rm_val_label_agreement_mean"] for s in "sml"] == pytest.approx([0.75, 0.72, 0.69])
     text = table_path.read_text()
     assert text.startswith("# Results\n\nintro") and text.rstrip().endswith("analysis") and "STALE-TABLE" not in text
     rows = {ln.split("|")[1].strip(): ln for ln in text.splitlines() if ln.startswith("| ") and not ln.startswith("| size")}
@@ -478,6 +484,7 @@ def test_report_json_from_seed_files(tmp_path):
         if size == "s":
             per_seed[str(seeds[0])]["dpo_gold_win_rate"] = 0.4
             per_seed[str(seeds[0])]["rm_gold_agreement"] = 0.7
+            per_seed[str(seeds[0])]["rm_val_label_agreement"] = 0.72
         d = {"size": size, "seeds": seeds, "machine": f"box {size}", "per_seed": per_seed}
         if bins:
             d["by_length_bin"] = bins
@@ -508,6 +515,7 @@ def test_report_json_from_seed_files(tmp_path):
     assert m["ppo_vs_sft_ci_low"] == pytest.approx([0.01, 0.02, 0.03]) and m["dpo_win_rate_mean"] is None
     assert js["sizes"]["s"]["dpo_win_rate_mean"] == pytest.approx(0.4) and js["wall_seconds"] == pytest.approx(60.0)
     assert js["sizes"]["s"]["rm_gold_agreement_mean"] == pytest.approx(0.7) and m["rm_gold_agreement_mean"] is None
+    assert js["sizes"]["s"]["rm_val_label_agreement_mean"] == pytest.approx(0.72) and m["rm_val_label_agreement_mean"] is None
     # two common bins: PPO (2 + 0) / 10 - SFT (4 + 1) / 20 = -0.05; PPO (18 + 10) / 40 - SFT (5 + 5) / 20 = 0.2
     runs, _ = report.collect_seed_files(files)
     assert report.sweep_summary(runs, "", num_bins=2)["ppo_minus_sft_by_length_bin"] == pytest.approx([-0.05, 0.2])

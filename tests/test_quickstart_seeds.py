@@ -20,6 +20,9 @@ def fake_runs(root, lows):
             "sft_gold_win_rate": 0.1 * seed, "ppo_gold_win_rate": 0.2 * seed, "judge_diff_win_rate": 0.1 * seed,
             "judge_diff_win_rate_ci_low": low, "judge_diff_win_rate_ci_high": low + 0.1, "wall_seconds": 600 + seed,
             **({"rm_gold_agreement": 0.75} if seed == 1 else {})}))
+        if seed == 2:  # the rater round's validation pairs: their labels' agreement with the gold judge
+            (d / "feedback").mkdir()
+            (d / "feedback" / "feedback.json").write_text(json.dumps({"validation": {"label_agreement": 0.66}}))
 
 
 def test_summary_json_and_readme_block(tmp_path):
@@ -35,6 +38,7 @@ def test_summary_json_and_readme_block(tmp_path):
     assert js["mean"]["ppo_final_kl"] is None  # absent from every summary
     assert js["per_seed"]["2"]["ppo_minus_sft_ci"] == pytest.approx([0.02, 0.12])
     assert js["per_seed"]["1"]["rm_gold_agreement"] == 0.75 and "rm_gold_agreement" not in js["per_seed"]["2"]
+    assert js["per_seed"]["2"]["rm_val_label_agreement"] == 0.66 and "rm_val_label_agreement" not in js["per_seed"]["1"]
     assert js["every_seed_ci_above_zero"] is True
     text = readme.read_text()
     assert "STALE" not in text and text.startswith("# T\n\nintro") and text.rstrip().endswith("after")
