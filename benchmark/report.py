@@ -491,6 +491,9 @@ def sweep_summary(runs, sweep_dir: str, num_bins: int = 10, timing: Optional[dic
             entry[f"{key}_mean"], entry[f"{key}_std"] = stat(xs)
         jp = runs.get("judge_ppo", {}).get(s, {})
         # one paired-CI lower bound (PPO minus SFT win rate against the references) per seed, in seed order
+        # and each seed's paired difference itself, so that a per-seed gain quoted anywhere comes from this file
+        entry["ppo_minus_sft_per_seed"] = {str(k): jp[k]["metrics"]["diff_win_rate"] for k in sorted(jp)
+                                           if finite(jp[k]["metrics"].get("diff_win_rate"))}
         entry["ppo_vs_sft_ci_low"] = [jp[k]["metrics"]["diff_win_rate_ci_low"] for k in sorted(jp)
                                       if finite(jp[k]["metrics"].get("diff_win_rate_ci_low"))]
         entry["seeds"] = {st: sorted(runs.get(st, {}).get(s, {})) for st in ("sft", "rm", "ppo", "dpo", "judge_ppo")}
@@ -579,6 +582,7 @@ def collect_seed_files(files: List[str]):
             if r.get("rm_val_label_agreement") is not None:
                 runs["feedback"][size][seed] = {"metrics": {"label_agreement": r["rm_val_label_agreement"]}}
             judge = {"win_rate": r.get("ppo_gold_win_rate"), "compare_win_rate": r.get("sft_gold_win_rate"),
+                     "diff_win_rate": r.get("judge_diff_win_rate"),
                      "diff_win_rate_ci_low": (r.get("ppo_minus_sft_ci") or [None])[0]}
             b = d.get("by_length_bin") or {}
             for i, (lo, hi) in enumerate(zip(b.get("edges", [])[:-1], b.get("edges", [])[1:])) if j == 0 else ():

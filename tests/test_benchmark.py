@@ -7,6 +7,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -270,7 +271,7 @@ def write_fake_sweep(root, sizes=("s", "m", "l"), seeds=(1, 2, 3)):
             dump(f"ppo_{size}_{seed}", {"gold_win_rate": 0.4 + 0.1 * i, "final_kl": 2.0 + seed}, hist)
             judge = {"win_rate": 0.4 + 0.1 * i + 0.01 * seed, "compare_win_rate": 0.25 + 0.05 * i, "h2h_win_rate": 0.6,
                      "mean_candidate_token_len": 40.0, "compare_mean_candidate_token_len": 30.0,
-                     "diff_win_rate_ci_low": 0.01 * seed - 0.02}
+                     "diff_win_rate": 0.15 + 0.01 * seed, "diff_win_rate_ci_low": 0.01 * seed - 0.02}
             for b in range(10):
                 lo = -1 + 0.2 * b
                 for p, wr in (("", 0.3 + 0.04 * b), ("compare_", 0.2 + 0.03 * b)):
@@ -333,6 +334,7 @@ def test_report_json_summary(tmp_path):
     assert m["rm_val_accuracy_mean"] == pytest.approx(0.67) and m["rm_val_accuracy_std"] == pytest.approx(0.01 * (2 / 3) ** 0.5)
     assert m["ppo_win_rate_mean"] == pytest.approx(0.52) and m["sft_win_rate_mean"] == pytest.approx(0.30)
     assert m["ppo_vs_sft_ci_low"] == pytest.approx([-0.01, 0.0, 0.01])
+    assert m["ppo_minus_sft_per_seed"] == pytest.approx({"1": 0.16, "2": 0.17, "3": 0.18})
     assert m["final_kl_mean"] == pytest.approx(4.0) and m["dpo_win_rate_mean"] is None
     assert js["wall_seconds"] == 1234.5 and js["machine"] == "test box"
     # every run has the same ten bins: PPO 0.3 + 0.04 b, SFT 0.2 + 0.03 b -> difference 0.1 + 0.01 b
@@ -408,13 +410,16 @@ def test_embedded_default_builds_the_task_of_the_swept_sizes(tmp_path):
 
 
 def test_sweep_writes_timing_for_the_report(tmp_path, monkeypatch):
-    """A finished sweep records its wall time, chain count and machine in sweep_timing.json (read by report.py)."""
-    args = sweep.Args(mode="embedded", sizes="s", seeds="1,2", stages="sft", out_dir=str(tmp_path / "t"))
-    monkeypatch.setattr(sweep, "run_one", lambda a, name, argv: True)
+    """A finished sweep records its wall time (the task build included), chain count and machine in sweep_timing.json
+    (read by report.py)."""
+    args = sweep.Args(mode="embedded", sizes="s", seeds="1,2", stages="data,sft", out_dir=str(tmp_path / "t"))
+    # the setup (task, data) takes 0.3 s here, each chain 0.1 s
+    monkeypatch.setattr(sweep, "run_one", lambda a, name, argv: time.sleep(0.15 if name in ("task", "data") else 0.1) or True)
     sweep.main(args)
     timing = json.loads((tmp_path / "t" / "sweep_timing.json").read_text())
-    assert timing["chains"] == 2 and timing["chains_complete"] == 2 and timing["wall_seconds"] >= 0
-    assert timing["wall_seconds"] >= timing["setup_seconds"] + timing["chains_seconds"] - 0.2
+    assert timing["chains"] == 2 and timing["chains_complete"] == 2
+    assert 0.3 <= timing["setup_seconds"] < 0.4 <= timing["wall_seconds"]
+    assert timing["wall_seconds"] == pytest.approx(timing["setup_seconds"] + timing["chains_seconds"], abs=0.15)
     assert "cores" in timing["machine"]
     assert report.sweep_summary({}, str(tmp_path / "t"))["wall_seconds"] == timing["wall_seconds"]
 
@@ -479,6 +484,7 @@ def test_report_json_from_seed_files(tmp_path):
     mean and std, one CI lower bound per seed, DPO where it ran, and the files' length bins pooled by count."""
     def seed_file(name, size, seeds, bins=None):
         per_seed = {str(k): {"sft_gold_win_rate": 0.2 + 0.1 * k, "ppo_gold_win_rate": 0.5 + 0.1 * k, "rm_val_accuracy": 0.6,
+                             "judge_diff_win_rate": 0.11 * k,
                              "ppo_final_kl": float(k), "wall_seconds": 10.0, "ppo_minus_sft_ci": [0.01 * k, 0.5]}
                     for k in seeds}
         if size == "s":
@@ -513,6 +519,7 @@ def test_report_json_from_seed_files(tmp_path):
     m = js["sizes"]["m"]
     assert m["sft_win_rate_mean"] == pytest.approx(0.4) and m["ppo_win_rate_std"] == pytest.approx(0.1 * (2 / 3) ** 0.5)
     assert m["ppo_vs_sft_ci_low"] == pytest.approx([0.01, 0.02, 0.03]) and m["dpo_win_rate_mean"] is None
+    assert m["ppo_minus_sft_per_seed"] == pytest.approx({"1": 0.11, "2": 0.22, "3": 0.33})
     assert js["sizes"]["s"]["dpo_win_rate_mean"] == pytest.approx(0.4) and js["wall_seconds"] == pytest.approx(60.0)
     assert js["sizes"]["s"]["rm_gold_agreement_mean"] == pytest.approx(0.7) and m["rm_gold_agreement_mean"] is None
     assert js["sizes"]["s"]["rm_val_label_agreement_mean"] == pytest.approx(0.72) and m["rm_val_label_agreement_mean"] is None
