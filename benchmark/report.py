@@ -28,7 +28,7 @@ import numpy as np
 import tyro
 
 RUN_RE = re.compile(r"^(sft|feedback|rm|ppo|dpo|judge_ppo|judge_dpo)_(.+)_(\d+)$")
-SIZE_ORDER = ["s", "m", "l", "1b", "2.8b", "6.9b"]
+SIZE_ORDER = ["s", "m", "l", "xl", "1b", "2.8b", "6.9b"]
 
 
 @dataclass

@@ -32,7 +32,7 @@ from quickstart import cpu_model  # noqa: E402
 from reward import ScalarModel, ScalarModelConfig, get_reward, pairwise_loss, trim_padding, forward_pair  # noqa: E402
 
 SHAPES = {  # hidden, layers, heads: embedded_task.MODEL_SIZES and Pythia-1B
-    "s": (64, 4, 4), "m": (128, 5, 4), "l": (256, 4, 8), "1b": (2048, 16, 8),
+    "s": (64, 4, 4), "m": (96, 4, 4), "l": (128, 5, 4), "xl": (256, 4, 8), "1b": (2048, 16, 8),
 }
 
 

@@ -60,7 +60,8 @@ PAPER = dict(
     judge_model="gpt-3.5-turbo-0125",  # Detail 33
 )
 
-EMBEDDED_SIZES = ("s", "m", "l")
+EMBEDDED_SIZES = ("s", "m", "l", "xl")  # size order; the sweep runs s, m, l unless --sizes names xl
+EMBEDDED_DEFAULT_SIZES = ("s", "m", "l")
 
 
 def embedded_rm_lr(size: str) -> float:
@@ -75,7 +76,7 @@ def embedded_rm_lr(size: str) -> float:
 class Args:
     mode: Literal["real", "embedded"] = "real"
     sizes: str = ""
-    """comma-separated sizes (real: 1b,2.8b,6.9b; embedded: s,m,l); empty = all of the mode"""
+    """comma-separated sizes (real: 1b,2.8b,6.9b; embedded: s,m,l and xl); empty = the mode's three (embedded: s,m,l)"""
     seeds: str = ""
     """comma-separated seeds (empty: the paper's 44413,55513,66613,77713 for real, 1,2,3 for embedded)"""
     stages: str = ""
@@ -283,7 +284,7 @@ def plan(args: Args) -> Tuple[List[Tuple[str, List[str]]], List[List[Tuple[str, 
         raise ValueError(f"--stages: unknown {sorted(bad)}")
     if args.mode == "real" and "feedback" in stages:
         raise ValueError("--stages: feedback (collect_feedback.py) exists for the embedded task only")
-    default_sizes = ",".join(REAL_SIZES) if args.mode == "real" else ",".join(EMBEDDED_SIZES)
+    default_sizes = ",".join(REAL_SIZES) if args.mode == "real" else ",".join(EMBEDDED_DEFAULT_SIZES)
     sizes = parse_list(args.sizes, default_sizes)
     seeds = [int(s) for s in parse_list(args.seeds, PAPER_SEEDS if args.mode == "real" else "1,2,3")]
     order = list(REAL_SIZES) if args.mode == "real" else list(EMBEDDED_SIZES)

@@ -192,7 +192,7 @@ def test_embedded_plan_chains_paths_and_seeds(tmp_path):
         assert "num_train_pairs" not in f[f"dpo_{size}_{seed}"]
         assert f[f"judge_ppo_{size}_{seed}"]["judge"] == "gold"
         # the reward model's step by size, the one quickstart.py passes (reward.py's EMBEDDED_LR_BY_SIZE)
-        assert float(f[f"rm_{size}_{seed}"]["lr"]) == {"s": 1e-3, "m": 1e-3, "l": 3e-4}[size]
+        assert float(f[f"rm_{size}_{seed}"]["lr"]) == {"s": 1e-3, "m": 1e-3, "l": 1e-3, "xl": 3e-4}[size]
 
 
 def test_embedded_plan_feedback_and_shrink_flags(tmp_path):

@@ -124,12 +124,13 @@ def test_quickstart_passes_the_reward_models_step_by_size(tmp_path):
         line = next(ln for ln in p.stdout.splitlines() if "reward.py" in ln)
         return line.split()[line.split().index("--lr") + 1]
 
-    assert float(rm_command("--size", "l")) == 3e-4
+    assert float(rm_command("--size", "xl")) == 3e-4
     assert float(rm_command("--size", "s")) == 1e-3
-    assert float(rm_command("--size", "l", "--rm_lr", "5e-4")) == 5e-4
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "quickstart.py"), "--stages", "", "--size", "xl",
+    assert float(rm_command("--size", "l")) == 1e-3
+    assert float(rm_command("--size", "xl", "--rm_lr", "5e-4")) == 5e-4
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "quickstart.py"), "--stages", "", "--size", "xxl",
                         "--out_dir", str(tmp_path / "x")], capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert p.returncode != 0 and "--size" in p.stderr and "xl" in p.stderr
+    assert p.returncode != 0 and "--size" in p.stderr and "xxl" in p.stderr
 
 
 def test_quickstart_splits_each_presets_micro_batch_over_its_processes():
