@@ -558,3 +558,17 @@ def test_rm_pair_forward_benchmark_times_both_paths(tmp_path):
     assert json.loads(out.read_text())["results"]["s"]["speedup"] == pytest.approx(s["speedup"])
     with pytest.raises(SystemExit, match="xl"):
         bench.main(bench.Args(sizes="xl", repeats=1))
+
+
+def test_embedded_default_sizes_are_s_m_l_and_xl_on_request(tmp_path):
+    """The embedded sweep runs s, m, l by default (larger first); xl (the 4.0M model) only when --sizes names it, and
+    every size of the sweep is one embedded_task.py can build."""
+    import embedded_task
+
+    chains = sweep.plan(sweep.Args(mode="embedded", seeds="1", jobs=2, out_dir=str(tmp_path / "d")))[1]
+    assert [flags(c[0][1])["base_model"].rsplit("-", 1)[1] for c in chains] == ["l", "m", "s"]
+    chains = sweep.plan(sweep.Args(mode="embedded", sizes="s,xl", seeds="1", out_dir=str(tmp_path / "x")))[1]
+    assert [flags(c[0][1])["base_model"].rsplit("-", 1)[1] for c in chains] == ["xl", "s"]
+    assert set(sweep.EMBEDDED_SIZES) == set(embedded_task.MODEL_SIZES)
+    with pytest.raises(ValueError, match="--sizes"):
+        sweep.plan(sweep.Args(mode="embedded", sizes="xxl", seeds="1", out_dir=str(tmp_path / "u")))
