@@ -33,7 +33,8 @@ class Args:
     out_dir: str = "runs/quickstart"
     seed: int = 1
     size: str = "s"
-    """embedded base model size: s (the whole pipeline in 9-13 minutes on 2 CPU cores), m (about 25-35), l (about 60)"""
+    """embedded base model size: s (0.42M parameters; the whole pipeline in 9-13 minutes on 2 CPU cores), m (0.78M), l
+    (1.43M, about 25-35 minutes), xl (4.0M, about 50-60)"""
     num_threads: int = 0
     """torch threads for every stage, split between a stage's processes (0: two, or one on a one-core machine, a fixed
     number so that a seed gives the same result on the same machine; 1 on a busy machine)"""
