@@ -556,8 +556,8 @@ def test_rm_pair_forward_benchmark_times_both_paths(tmp_path):
     assert s["full_seconds"] > 0 and s["shared_prefix_seconds"] > 0 and s["max_abs_reward_diff"] < 1e-4
     assert s["post_15_pairs_seconds"] > 0 and s["post_15_pairs_grouped_seconds"] > 0
     assert json.loads(out.read_text())["results"]["s"]["speedup"] == pytest.approx(s["speedup"])
-    with pytest.raises(SystemExit, match="xl"):
-        bench.main(bench.Args(sizes="xl", repeats=1))
+    with pytest.raises(SystemExit, match="xxl"):
+        bench.main(bench.Args(sizes="xxl", repeats=1))
 
 
 def test_embedded_default_sizes_are_s_m_l_and_xl_on_request(tmp_path):
