@@ -49,8 +49,9 @@ from typing import Literal, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Pythia-shaped configs (hidden, layers, heads); "s"/"m"/"l" are embedded_task.py's base models, the default "m"
-# is the embedded quickstart's policy. Intermediate = 4 x hidden, rotary on 25% of the head dims, as Pythia.
+# Pythia-shaped configs (hidden, layers, heads); this benchmark's own names: its "s" is embedded_task.py's base-s, its
+# "m" (the default) embedded_task.py's base-l (the 1.4M model, named m there before 2026-12-07), its "l" a 6-layer
+# 256-wide model. Intermediate = 4 x hidden, rotary on 25% of the head dims, as Pythia.
 MODEL_SIZES = {
     "tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4),
     "s": dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4),
