@@ -31,9 +31,11 @@ sys.path.insert(0, ROOT)
 from quickstart import cpu_model  # noqa: E402
 from reward import ScalarModel, ScalarModelConfig, get_reward, pairwise_loss, trim_padding, forward_pair  # noqa: E402
 
-SHAPES = {  # hidden, layers, heads: embedded_task.MODEL_SIZES and Pythia-1B
-    "s": (64, 4, 4), "m": (96, 4, 4), "l": (128, 5, 4), "xl": (256, 4, 8), "1b": (2048, 16, 8),
-}
+from embedded_task import MODEL_SIZES  # noqa: E402
+
+# hidden, layers, heads: the embedded base models, read from embedded_task.py, and Pythia-1B
+SHAPES = {name: (s["hidden_size"], s["num_hidden_layers"], s["num_attention_heads"]) for name, s in MODEL_SIZES.items()}
+SHAPES["1b"] = (2048, 16, 8)
 
 
 @dataclass
