@@ -464,6 +464,24 @@ def pooled_bin_rates(runs, stage: str, prefix: str, edges: np.ndarray):
     return wins, counts
 
 
+def bin_differences(pw, pn, sw, sn):
+    """Per length bin, PPO's win rate minus SFT's, its 95% CI and the two counts. The bins hold different items for the
+    two policies (each policy's summaries fall in the bin of their own length), so the interval is the unpaired
+    Agresti-Caffo one (one win and one loss added to each side), which stays honest in the thin bins at the ends."""
+    diffs, cis, ns = [], [], []
+    for b in range(len(pn)):
+        ns.append([int(round(pn[b])), int(round(sn[b]))])
+        if not (pn[b] and sn[b]):
+            diffs.append(None)
+            cis.append(None)
+            continue
+        diffs.append(float(pw[b] / pn[b] - sw[b] / sn[b]))
+        p1, p2 = (pw[b] + 1) / (pn[b] + 2), (sw[b] + 1) / (sn[b] + 2)
+        half = 1.96 * math.sqrt(p1 * (1 - p1) / (pn[b] + 2) + p2 * (1 - p2) / (sn[b] + 2))
+        cis.append([float(p1 - p2 - half), float(p1 - p2 + half)])
+    return diffs, cis, ns
+
+
 def sweep_summary(runs, sweep_dir: str, num_bins: int = 10, timing: Optional[dict] = None) -> dict:
     """The sweep's headline numbers, per size (mean and std over seeds) and pooled over sizes and seeds."""
     sizes = sorted({s for st in runs.values() for s in st}, key=size_key)
@@ -509,8 +527,15 @@ def sweep_summary(runs, sweep_dir: str, num_bins: int = 10, timing: Optional[dic
         edges = np.linspace(rng[0], rng[1], num_bins + 1)
         pw, pn = pooled_bin_rates(runs, "judge_ppo", "", edges)
         sw, sn = pooled_bin_rates(runs, "judge_ppo", "compare_", edges)
-        bins = [float(pw[b] / pn[b] - sw[b] / sn[b]) if pn[b] and sn[b] else None for b in range(num_bins)]
+        bins, out["ppo_minus_sft_by_length_bin_ci95"], out["ppo_minus_sft_by_length_bin_n"] = bin_differences(pw, pn, sw, sn)
         out["length_bin_edges"] = [float(e) for e in edges]
+        # the same bins per size, pooled over that size's seeds (Detail 34 as the paper draws it: one curve a size)
+        for s, entry in out["sizes"].items():
+            one = {"judge_ppo": {s: runs.get("judge_ppo", {}).get(s, {})}}
+            d, ci, n = bin_differences(*pooled_bin_rates(one, "judge_ppo", "", edges),
+                                       *pooled_bin_rates(one, "judge_ppo", "compare_", edges))
+            entry["ppo_minus_sft_by_length_bin"], entry["ppo_minus_sft_by_length_bin_ci95"] = d, ci
+            entry["ppo_minus_sft_by_length_bin_n"] = n
     out["ppo_minus_sft_by_length_bin"] = bins
     out["seeds"] = sorted({k for st in runs.values() for by in st.values() for k in by})
     timing = timing if timing is not None else (read_json(os.path.join(sweep_dir, "sweep_timing.json")) or {})
@@ -695,9 +720,15 @@ def write_readme_block(path: str, summary: dict, json_path: str) -> None:
         rm += f" | {cell(e, 'rm_gold_agreement', 'rm_gold')}" if gold else ""
         lines.append(f"| {size} | {seeds} | {rm} | {cell(e, 'sft_win_rate')} | {cell(e, 'ppo_win_rate')} | "
                      f"{cell(e, 'dpo_win_rate', 'dpo')} | {lows} | {cell(e, 'final_kl')} |")
-    bins = ", ".join("-" if b is None else f"{b:+.2f}" for b in summary.get("ppo_minus_sft_by_length_bin", []))
+    diffs, cis = summary.get("ppo_minus_sft_by_length_bin", []), summary.get("ppo_minus_sft_by_length_bin_ci95") or []
+    ns = summary.get("ppo_minus_sft_by_length_bin_n") or []
+    bins = ", ".join("-" if b is None else f"{b:+.2f}" for b in diffs)
+    # a bin where PPO is below SFT is shown with its items (PPO / SFT summaries) and its unpaired 95% CI
+    below = [f"bin {i + 1}: {b:+.2f}, n {ns[i][0]} / {ns[i][1]}, CI {cis[i][0]:+.2f}..{cis[i][1]:+.2f}"
+             for i, b in enumerate(diffs) if b is not None and b < 0 and i < len(cis) and cis[i] and i < len(ns)]
     lines.append(f"\nMean ± std over seeds from `{json_path}` ({summary.get('machine')}); PPO minus SFT win rate per "
-                 f"length bin (Detail 34, shortest first, pooled): {bins}.")
+                 f"length bin (Detail 34, shortest first, pooled): {bins}"
+                 + (f" (below 0: {'; '.join(below)})." if below else "."))
     new = text[: text.index(README_START) + len(README_START)] + "\n" + "\n".join(lines) + "\n" + text[text.index(README_END):]
     with open(path, "w") as f:
         f.write(new)

@@ -572,3 +572,85 @@ def test_embedded_default_sizes_are_s_m_l_and_xl_on_request(tmp_path):
     assert set(sweep.EMBEDDED_SIZES) == set(embedded_task.MODEL_SIZES)
     with pytest.raises(ValueError, match="--sizes"):
         sweep.plan(sweep.Args(mode="embedded", sizes="xxl", seeds="1", out_dir=str(tmp_path / "u")))
+
+
+def test_length_bin_differences_have_counts_and_unpaired_intervals():
+    report = load("report")
+    # bin 0: PPO 2 wins of 10, SFT 5 of 20; bin 1: PPO 28 of 40, SFT 10 of 20; bin 2 empty for PPO
+    diffs, cis, ns = report.bin_differences([2.0, 28.0, 0.0], [10.0, 40.0, 0.0], [5.0, 10.0, 1.0], [20.0, 20.0, 3.0])
+    assert diffs[:2] == pytest.approx([-0.05, 0.2]) and diffs[2] is None and cis[2] is None
+    assert ns == [[10, 20], [40, 20], [0, 3]]
+    # Agresti-Caffo: (2 + 1) / 12 - (5 + 1) / 22 +- 1.96 sqrt(0.25 * 0.75 / 12 + 6/22 * 16/22 / 22)
+    half = 1.96 * (0.25 * 0.75 / 12 + (6 / 22) * (16 / 22) / 22) ** 0.5
+    assert cis[0] == pytest.approx([0.25 - 6 / 22 - half, 0.25 - 6 / 22 + half])
+    assert cis[0][0] < diffs[0] < cis[0][1] and cis[1][0] < 0 < 0.2 < cis[1][1]  # 0.70 against 0.50, 40 and 20 items
+    assert report.bin_differences([280.0], [400.0], [100.0], [200.0])[1][0][0] > 0  # the same rates on 10x the items
+    # the README line names every bin below 0 with its counts and interval
+    summary = {"sizes": {}, "machine": "box", "ppo_minus_sft_by_length_bin": diffs,
+               "ppo_minus_sft_by_length_bin_ci95": cis, "ppo_minus_sft_by_length_bin_n": ns}
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "README.md")
+        with open(path, "w") as f:
+            f.write(f"{report.README_START}\n{report.README_END}\n")
+        report.write_readme_block(path, summary, "x.json")
+        text = open(path).read()
+    assert f"-0.05, +0.20, - (below 0: bin 1: -0.05, n 10 / 20, CI {cis[0][0]:+.2f}..{cis[0][1]:+.2f})." in text
+
+
+def test_sweep_summary_bins_per_size_and_pooled(tmp_path):
+    report = load("report")
+
+    def judge(bins):  # one judge run: per-run bins (lo, hi, n, win rate) for PPO and, prefixed, for SFT
+        m = {"diff_win_rate": 0.1, "diff_win_rate_ci_low": 0.01}
+        for prefix, rows in (("", bins[0]), ("compare_", bins[1])):
+            for i, (lo, hi, n, wr) in enumerate(rows):
+                m.update({f"{prefix}len_bin{i}_lo": lo, f"{prefix}len_bin{i}_hi": hi, f"{prefix}len_bin{i}_n": n,
+                          f"{prefix}len_bin{i}_win_rate": wr})
+        return {"metrics": m}
+    runs = {"judge_ppo": {"s": {1: judge(([(-1, 0, 10, 0.2), (0, 1, 10, 0.6)], [(-1, 0, 10, 0.4), (0, 1, 10, 0.4)]))},
+                          "m": {1: judge(([(-1, 0, 10, 0.6), (0, 1, 30, 0.9)], [(-1, 0, 10, 0.4), (0, 1, 10, 0.5)]))}}}
+    out = report.sweep_summary(runs, str(tmp_path), num_bins=2)
+    assert out["ppo_minus_sft_by_length_bin"] == pytest.approx([0.0, (6 + 27) / 40 - 0.45])
+    assert out["ppo_minus_sft_by_length_bin_n"] == [[20, 20], [40, 20]]
+    assert out["sizes"]["s"]["ppo_minus_sft_by_length_bin"] == pytest.approx([-0.2, 0.2])
+    assert out["sizes"]["m"]["ppo_minus_sft_by_length_bin"] == pytest.approx([0.2, 0.4])
+    assert out["sizes"]["s"]["ppo_minus_sft_by_length_bin_n"] == [[10, 10], [10, 10]]
+    assert all(len(c) == 2 and c[0] < c[1] for c in out["ppo_minus_sft_by_length_bin_ci95"])
+
+
+def test_fact_rates_counts_right_and_wrong_facts_per_size_and_policy(tmp_path):
+    import random
+    fr = load("fact_rates")
+    et = fr.et
+    seen: set = set()
+    recs = [et.make_post(3, "validation", i, seen) for i in range(12)]
+    os.makedirs(tmp_path / "task" / "gold")
+    et.write_jsonl(str(tmp_path / "task" / "gold" / "records.jsonl"), recs)
+    rng = random.Random(0)
+    for seed in (1, 2):
+        rows = {"sft": [], "ppo": []}
+        for r in recs:
+            right, wrong = et.near_miss_pair(r, "narrator_age", rng)
+            q = et.format_query(r["subreddit"], r["title"], r["post"])
+            rows["sft"].append({"query": q, "response": wrong, "reference": right})
+            rows["ppo"].append({"query": q, "response": right, "reference": right})
+        for stage, rs in rows.items():
+            os.makedirs(tmp_path / f"{stage}_s_{seed}")
+            et.write_jsonl(str(tmp_path / f"{stage}_s_{seed}" / "eval_samples.jsonl"), rs)
+    out = fr.fact_rates(str(tmp_path))
+    sft, ppo = out["sizes"]["s"]["sft"], out["sizes"]["s"]["ppo"]
+    assert sft["n"] == ppo["n"] == 24 and sft["seeds"] == [1, 2] and "dpo" not in out["sizes"]["s"]
+    assert sft["narrator_wrong"] == 1.0 and sft["narrator_right"] == 0.0
+    assert ppo["narrator_right"] == 1.0 and ppo["narrator_wrong"] == 0.0
+    assert sft["mean_wrong"] >= 1.0 and ppo["mean_wrong"] == 0.0 and ppo["mean_score"] > sft["mean_score"] + 1.0
+    assert out["reference"]["n"] == 12 and out["reference"]["narrator_right"] == 1.0
+    table = fr.markdown(out)
+    assert "| s | SFT (seeds 1,2) | 0.00 / 1.00 |" in table and "| - | reference |" in table
+    bad = tmp_path / "sft_m_1"
+    os.makedirs(bad)
+    (bad / "eval_samples.jsonl").write_text(json.dumps({"query": "q"}) + "\n")
+    with pytest.raises(ValueError, match="sft_m_1.*response"):
+        fr.fact_rates(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="eval_samples"):
+        fr.fact_rates(str(tmp_path / "nothing"))
