@@ -120,8 +120,10 @@ class Args:
     rm_val_pairs: Optional[int] = None
     ppo_total_episodes: Optional[int] = None
     """embedded PPO episodes (None: the preset's)"""
-    order: Literal["seed", "size"] = "seed"
-    """chain order: seed-major (complete seeds first) or size-major (largest size's seeds first)"""
+    order: Literal["seed", "size"] = "size"
+    """chain order: size-major (the largest size's seeds first; with --jobs 2 the short chains fill the gaps at the
+    end: 7,103 s instead of 7,353 s for the 3 x 3 embedded sweep's measured chains) or seed-major (complete seeds
+    first)"""
     claim: bool = False
     """claim each chain with a file in {out_dir}/claims before running it, so that several sweep processes
     started on the same folder share the chains without running one twice"""
@@ -277,7 +279,8 @@ def data_commands(args: Args, sizes: List[str]) -> List[Tuple[str, List[str]]]:
 
 
 def plan(args: Args) -> Tuple[List[Tuple[str, List[str]]], List[List[Tuple[str, List[str]]]]]:
-    """(setup commands, one command chain per (size, seed)) in launch order: seed-major, larger sizes first."""
+    """(setup commands, one command chain per (size, seed)) in launch order: larger sizes first, then by seed
+    (--order size) or seed by seed (--order seed)."""
     stages = parse_list(args.stages, "sft,rm,ppo,judge" if args.mode == "real" else "data,sft,feedback,rm,ppo,judge,dpo")
     bad = set(stages) - {"data", "sft", "feedback", "rm", "ppo", "judge", "dpo"}
     if bad:

@@ -361,6 +361,15 @@ def test_report_length_pooling_and_fallbacks(tmp_path):
     assert wr["SFT"] == [0.1] and wr["PPO"] == [0.3] and wr["DPO"] == []
 
 
+def test_default_chain_order_is_largest_size_first(tmp_path):
+    """The default launches the largest size's chains first, so that with --jobs 2 the shortest chains end the sweep
+    side by side; --order seed keeps complete seeds first."""
+    names = lambda order: [ch[0][0] for ch in sweep.plan(sweep.Args(  # noqa: E731
+        mode="embedded", seeds="1,2", stages="sft", out_dir=str(tmp_path), **({"order": order} if order else {})))[1]]
+    assert names(None) == ["sft_l_1", "sft_l_2", "sft_m_1", "sft_m_2", "sft_s_1", "sft_s_2"]
+    assert names("seed") == ["sft_l_1", "sft_m_1", "sft_s_1", "sft_l_2", "sft_m_2", "sft_s_2"]
+
+
 def test_claims_share_chains_between_sweep_processes(tmp_path, monkeypatch):
     """--claim: a chain already claimed by another sweep process (file in claims/) is skipped, others run."""
     args = sweep.Args(mode="embedded", sizes="s", seeds="1,2", stages="sft", claim=True, out_dir=str(tmp_path / "c"),
