@@ -173,7 +173,7 @@ def test_embedded_plan_chains_paths_and_seeds(tmp_path):
     args = sweep.Args(mode="embedded", seeds="1,2,3", stages="data,sft,rm,ppo,judge,dpo", out_dir=str(tmp_path / "e"))
     setup, chains = sweep.plan(args)
     assert [n for n, _ in setup] == ["task", "data"]
-    assert len(chains) == 9 and [c[0][0] for c in chains[:3]] == ["sft_l_1", "sft_m_1", "sft_s_1"]
+    assert len(chains) == 9 and [c[0][0] for c in chains[:4]] == ["sft_l_1", "sft_l_2", "sft_l_3", "sft_m_1"]
     for chain in chains:
         f = {name: flags(argv) for name, argv in chain}
         for name, argv in chain:
