@@ -69,9 +69,11 @@ def rates(judge: et.GoldJudge, pairs) -> dict:
         raise ValueError("fact_rates: no summaries to score")
     counts: Dict[str, float] = defaultdict(float)
     for q, summary in pairs:
-        for fact, outcome in et.fact_outcomes(judge.record(q), summary).items():
+        rec = judge.record(q)
+        for fact, outcome in et.fact_outcomes(rec, summary).items():
             counts[f"{fact}_{outcome}"] += 1
-        d = judge.details(q, summary)
+        score, d = et.score_against_record(rec, summary, judge.weights, details=True)
+        d["score"] = score
         for key in DETAIL_KEYS:
             counts[key] += float(d[key])
     n = len(pairs)
