@@ -122,8 +122,8 @@ class Args:
     """embedded PPO episodes (None: the preset's)"""
     order: Literal["seed", "size"] = "size"
     """chain order: size-major (the largest size's seeds first; with --jobs 2 the short chains fill the gaps at the
-    end: 7,103 s instead of 7,353 s for the 3 x 3 embedded sweep's measured chains) or seed-major (complete seeds
-    first)"""
+    end: 7,103 s instead of the 7,353 s measured seed-major, replaying the chain times of the 3 x 3 embedded sweep of
+    2026-12-07, docs/embedded_task.md) or seed-major (complete seeds first)"""
     claim: bool = False
     """claim each chain with a file in {out_dir}/claims before running it, so that several sweep processes
     started on the same folder share the chains without running one twice"""
@@ -329,7 +329,16 @@ def run_one(args: Args, name: str, argv: List[str]) -> bool:
     return rc == 0
 
 
-def run_chain(args: Args, chain: List[Tuple[str, List[str]]]) -> bool:
+def run_chain(args: Args, chain: List[Tuple[str, List[str]]], seconds: Optional[Dict[str, float]] = None) -> bool:
+    """Run a chain's stages in order; its wall seconds go to `seconds[first stage's name]` when given."""
+    t0 = time.time()
+    ok = _run_chain(args, chain)
+    if seconds is not None and chain:
+        seconds[chain[0][0]] = round(time.time() - t0, 1)
+    return ok
+
+
+def _run_chain(args: Args, chain: List[Tuple[str, List[str]]]) -> bool:
     if args.claim and chain:
         os.makedirs(os.path.join(args.out_dir, "claims"), exist_ok=True)
         try:
@@ -415,7 +424,8 @@ def main(args: Args) -> None:
             raise SystemExit(f"{name} failed")
     t1 = time.time()
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        ok = list(pool.map(lambda ch: run_chain(args, ch), chains))
+        chain_seconds: Dict[str, float] = {}
+        ok = list(pool.map(lambda ch: run_chain(args, ch, chain_seconds), chains))
     t2 = time.time()
     print(f"sweep finished in {t2 - t0:.0f}s (setup {t1 - t0:.0f}s, chains {t2 - t1:.0f}s): "
           f"{sum(ok)}/{len(ok)} chains complete", flush=True)
@@ -424,6 +434,8 @@ def main(args: Args) -> None:
     with open(os.path.join(args.out_dir, "sweep_timing.json"), "w") as f:
         json.dump({"wall_seconds": round(t2 - t0, 1), "setup_seconds": round(t1 - t0, 1),
                    "chains_seconds": round(t2 - t1, 1), "jobs": args.jobs, "threads": args.threads,
+                   # each chain's own wall time, by its first stage (sft_l_1, ...): what another order would take
+                   "chain_seconds": {c[0][0]: chain_seconds[c[0][0]] for c in chains if c and c[0][0] in chain_seconds},
                    "sizes": args.sizes, "seeds": args.seeds, "chains_complete": sum(ok), "chains": len(ok),
                    "machine": f"{platform.node()} ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"}, f)
     if not all(ok):

@@ -370,6 +370,17 @@ def test_default_chain_order_is_largest_size_first(tmp_path):
     assert names("seed") == ["sft_l_1", "sft_m_1", "sft_s_1", "sft_l_2", "sft_m_2", "sft_s_2"]
 
 
+def test_sweep_timing_records_each_chains_seconds(tmp_path, monkeypatch):
+    """sweep_timing.json keeps each chain's wall time by its first stage, so another launch order can be replayed."""
+    delay = {"sft_s_1": 0.3, "rm_s_1": 0.0, "sft_s_2": 0.05, "rm_s_2": 0.05}
+    monkeypatch.setattr(sweep, "run_one", lambda a, name, argv: time.sleep(delay[name]) or True)
+    sweep.main(sweep.Args(mode="embedded", sizes="s", seeds="1,2", stages="sft,rm", out_dir=str(tmp_path / "t")))
+    timing = json.loads((tmp_path / "t" / "sweep_timing.json").read_text())
+    assert sorted(timing["chain_seconds"]) == ["sft_s_1", "sft_s_2"]
+    assert timing["chain_seconds"]["sft_s_1"] >= 0.3 and 0.1 <= timing["chain_seconds"]["sft_s_2"] < 0.3
+    assert timing["chains_seconds"] >= timing["chain_seconds"]["sft_s_1"] + timing["chain_seconds"]["sft_s_2"] - 0.2
+
+
 def test_claims_share_chains_between_sweep_processes(tmp_path, monkeypatch):
     """--claim: a chain already claimed by another sweep process (file in claims/) is skipped, others run."""
     args = sweep.Args(mode="embedded", sizes="s", seeds="1,2", stages="sft", claim=True, out_dir=str(tmp_path / "c"),
