@@ -1167,8 +1167,12 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int, out_dir: str):
 # s and l) sits between them, l is the 1.4M model (named m before 2026-12-07) and the 4.0M model stays as xl, outside
 # the sweep: it costs twice l's time for no gain in SFT. m pretrains at s's 3e-3: at 2e-3 its 1,000 steps ended above
 # base-s (validation loss 0.575 against 0.568; task seed 1).
+# s has two heads of 32 (not four of 16): the same 0.42M parameters, but with four 16-wide heads its summaries copied the
+# narrator's age one year off or the duration in the wrong unit in 21-30% of posts (m and l, heads of 24 and 32: <= 1%),
+# and its same-size RM could not check them, so PPO gained +0.127 +- 0.050 (sweep seeds 1-3). With heads of 32 the
+# duration is copied right, SFT 0.41 / 0.14 / 0.43, PPO 0.615 / 0.570 / 0.755 (docs/embedded_task.md, 2026-12-07 night).
 MODEL_SIZES = {  # hidden, layers, heads, pretraining steps (of 8 x 256 tokens), learning rate
-    "s": dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, steps=1000, lr=3e-3),
+    "s": dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=2, steps=1000, lr=3e-3),
     "m": dict(hidden_size=96, num_hidden_layers=4, num_attention_heads=4, steps=1000, lr=3e-3),
     "l": dict(hidden_size=128, num_hidden_layers=5, num_attention_heads=4, steps=1000, lr=2e-3),
     "xl": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, steps=1200, lr=2e-3),
