@@ -127,6 +127,9 @@ def table_markdown(summary: dict) -> str:
              "|---|---|" + "---|" * len(seeds)]
     for key, label in METRICS:
         mu, sd = summary["mean"][key], summary["std"][key]
+        if key == "wall_seconds" and all(summary["per_seed"][s].get("wall_seconds") == summary["per_seed"][s].get(
+                "first_command_seconds") for s in seeds):
+            continue  # no seed ran the optional DPO stage: the row would repeat the first command's time
         cells = [fmt(summary["per_seed"][s][key]) for s in seeds]
         sd_text = f"{sd:.0f}" if key.endswith("_seconds") and sd is not None else fmt(sd)  # seconds: whole numbers
         lines.append(f"| {label} | {fmt(mu)} ± {sd_text} | " + " | ".join(cells) + " |")
