@@ -199,9 +199,8 @@ def test_table_leaves_out_the_dpo_time_row_when_no_seed_ran_dpo():
     """The 'with the optional DPO stage' row appears only when some seed's wall time differs from the first command's."""
     per = {str(k): {**{m: None for m, _ in qs.METRICS}, "wall_seconds": 600.0 + k, "first_command_seconds": 600.0 + k,
                     "ppo_minus_sft_ci": [0.1, 0.2]} for k in (1, 2)}
-    summary = {"seeds": [1, 2], "mean": {}, "std": {}, "per_seed": per}
-    summary["mean"] = {k: None for k, _ in qs.METRICS}
-    summary["std"] = {k: None for k, _ in qs.METRICS}
+    none = {k: None for k, _ in qs.METRICS}
+    summary = {"seeds": [1, 2], "mean": none, "std": none, "per_seed": per}
     assert "optional DPO" not in qs.table_markdown(summary)
     per["2"]["wall_seconds"] = 650.0
     assert "optional DPO" in qs.table_markdown(summary)
