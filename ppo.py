@@ -204,6 +204,13 @@ PRESETS = {
 }
 
 
+# The embedded preset's episodes by base-model size (quickstart.py and benchmark/sweep.py pass it). s (two heads of 32
+# since 2026-12-07) climbs its reward model within about 10 updates and then over-optimises it: at 24 updates (768
+# episodes) the quickstart's s seeds 1-3 gained +0.175 / +0.260 / +0.020 over SFT against +0.140 / +0.305 / +0.020 at
+# 48, in half the stage's time. m and l climb for longer (l's PPO win rate rises to update 48) and keep 48.
+EMBEDDED_EPISODES_BY_SIZE = {"s": 768, "m": 1536, "l": 1536, "xl": 1536}
+
+
 def parse_args(argv: Optional[list] = None) -> Args:
     """Peek --preset (or, without it, the preset of --base_model's size), then let tyro parse the rest with that
     preset as the defaults; the folders left unset are derived from the base model."""

@@ -32,6 +32,10 @@ LAUNCHED = ("sft", "feedback", "rm", "ppo", "dpo")  # the stages that sample or 
 class Args:
     out_dir: str = "runs/quickstart"
     seed: int = 1
+    """seed of the training stages (SFT, rater round, RM, PPO, DPO): what a seed of the paper varies"""
+    task_seed: int = 1
+    """seed of the embedded task (posts, references, rater labels, tokenizer, base model): fixed across training seeds,
+    as the paper's seeds share one data set and one Pythia and as `benchmark/sweep.py --task_seed` does"""
     size: str = "s"
     """embedded base model size: s (0.42M parameters; the whole pipeline in 9-13 minutes on 2 CPU cores), m (0.78M), l
     (1.43M, about 25-35 minutes), xl (4.0M, about 50-60)"""
@@ -144,13 +148,14 @@ def stage_commands(args: Args) -> tuple:
     threads = args.num_threads or min(2, os.cpu_count() or 1)
     per_process = max(1, threads // args.num_processes)
     common = ["--seed", str(args.seed)]
+    import ppo as ppo_stage
     import reward
 
     if args.size not in reward.EMBEDDED_LR_BY_SIZE:
         raise SystemExit(f"--size: unknown embedded size {args.size!r}; choose from {sorted(reward.EMBEDDED_LR_BY_SIZE)}")
     rm_lr = args.rm_lr or reward.EMBEDDED_LR_BY_SIZE[args.size]
     commands = {
-        "task": [py, "embedded_task.py", "--out_dir", task, "--seed", str(args.seed), "--sizes", args.size],
+        "task": [py, "embedded_task.py", "--out_dir", task, "--seed", str(args.task_seed), "--sizes", args.size],
         "data": [py, "tldr_dataset.py", "--source", "embedded", "--task_dir", task, "--output_dir", data],
         "sft": [*go, "sft.py", "--preset", "embedded", "--base_model", os.path.join(task, f"base-{args.size}"),
                 "--dataset_path", data, "--output_dir", sft, "--gold_task_dir", task, *common],
@@ -161,10 +166,11 @@ def stage_commands(args: Args) -> tuple:
                       "--output_dir", fdata]],
         "rm": [*go, "reward.py", "--preset", "embedded", "--sft_model_path", sft, "--dataset_path", fdata,
                "--output_dir", rm, "--gold_task_dir", task, *common, "--lr", str(rm_lr),
-               # also scored on the task's generated comparisons: the same pairs for every size of a seed
+               # also scored on the task's generated comparisons: the same pairs for every size and seed of a task
                "--fixed_val_dataset_path", data],
         "ppo": [*go, "ppo.py", "--preset", "embedded", "--sft_model_path", sft, "--reward_model_path", rm,
-                "--dataset_path", fdata, "--output_dir", ppo, "--gold_task_dir", task, *common],
+                "--dataset_path", fdata, "--output_dir", ppo, "--gold_task_dir", task, *common,
+                "--total_episodes", str(ppo_stage.EMBEDDED_EPISODES_BY_SIZE[args.size])],
         "judge": [py, "eval_gpt_judge.py", "--judge", "gold", "--gold_task_dir", task,
                   "--samples", os.path.join(ppo, "eval_samples.jsonl"),
                   "--compare_samples", os.path.join(sft, "eval_samples.jsonl"), "--output_dir", os.path.join(o, "judge")],
@@ -249,7 +255,8 @@ def main(args: Args):
     # the time of `python quickstart.py` as the README gives it: the default stages only (not the optional DPO)
     default_stages = Args.__dataclass_fields__["stages"].default.split(",")
     summary["first_command_seconds"] = round(sum(summary.get(f"{st}_seconds", 0.0) for st in default_stages), 1)
-    summary["seed"], summary["size"], summary["num_processes"] = args.seed, args.size, args.num_processes
+    summary["seed"], summary["task_seed"], summary["size"] = args.seed, args.task_seed, args.size
+    summary["num_processes"] = args.num_processes
     summary["precision"] = args.precision
     summary["machine"] = f"{platform.node()} ({os.cpu_count()} cores, {cpu_model()})"
     with open(os.path.join(o, "summary.json"), "w") as f:

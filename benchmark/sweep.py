@@ -72,6 +72,14 @@ def embedded_rm_lr(size: str) -> float:
     return reward.EMBEDDED_LR_BY_SIZE[size]
 
 
+def embedded_ppo_episodes(size: str) -> int:
+    """The embedded PPO episodes for a size: ppo.py's EMBEDDED_EPISODES_BY_SIZE, as in quickstart.py."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import ppo
+
+    return ppo.EMBEDDED_EPISODES_BY_SIZE[size]
+
+
 @dataclass
 class Args:
     mode: Literal["real", "embedded"] = "real"
@@ -119,7 +127,7 @@ class Args:
     rm_train_pairs: Optional[int] = None
     rm_val_pairs: Optional[int] = None
     ppo_total_episodes: Optional[int] = None
-    """embedded PPO episodes (None: the preset's)"""
+    """embedded PPO episodes (None: ppo.py's EMBEDDED_EPISODES_BY_SIZE for the size, as quickstart.py)"""
     order: Literal["seed", "size"] = "size"
     """chain order: size-major (the largest size's seeds first; with --jobs 2 the short chains fill the gaps at the
     end: 7,103 s instead of the 7,353 s measured seed-major, replaying the chain times of the 3 x 3 embedded sweep of
@@ -242,7 +250,7 @@ def embedded_commands(args: Args, size: str, seed: int, stages: List[str]) -> Li
     if "ppo" in stages:
         cmds.append((run_name("ppo", size, seed), [py, "ppo.py", "--preset", "embedded", "--sft_model_path", d["sft"],
                      "--reward_model_path", d["rm"], "--output_dir", d["ppo"], *rl_common,
-                     *opt("--total_episodes", args.ppo_total_episodes), "--save_every", "0", "--no-save-model",
+                     "--total_episodes", str(args.ppo_total_episodes or embedded_ppo_episodes(size)), "--save_every", "0", "--no-save-model",
                      "--num_threads", str(args.threads), *bf16]))
     judge = lambda cand, out: [py, "eval_gpt_judge.py", "--preset", "embedded", "--judge", "gold",  # noqa: E731
                                "--gold_task_dir", task, "--samples", os.path.join(cand, "eval_samples.jsonl"),

@@ -204,3 +204,32 @@ def test_table_leaves_out_the_dpo_time_row_when_no_seed_ran_dpo():
     assert "optional DPO" not in qs.table_markdown(summary)
     per["2"]["wall_seconds"] = 650.0
     assert "optional DPO" in qs.table_markdown(summary)
+
+
+def test_quickstart_seed_varies_training_not_the_task():
+    """--seed reaches every training stage while the task (data, tokenizer, base model) is built from --task_seed,
+    1 by default for every seed, as the paper's seeds share one data set and one Pythia (and as the sweep does)."""
+    sys.path.insert(0, ROOT)
+    import quickstart
+
+    def seeds(**kw):
+        commands = quickstart.stage_commands(quickstart.Args(num_processes=1, **kw))[0]
+        flat = {st: c if isinstance(c[0], str) else c[0] for st, c in commands.items()}
+        return {st: c[c.index("--seed") + 1] for st, c in flat.items() if "--seed" in c}
+
+    s3 = seeds(seed=3)
+    assert s3.pop("task") == "1" and set(s3.values()) == {"3"} and {"sft", "feedback", "rm", "ppo", "dpo"} <= set(s3)
+    assert seeds(seed=3, task_seed=7)["task"] == "7"
+
+
+def test_quickstart_passes_ppos_episodes_by_size():
+    """PPO trains ppo.py's EMBEDDED_EPISODES_BY_SIZE for --size (s: 24 updates of 32 episodes, m and l: 48)."""
+    sys.path.insert(0, ROOT)
+    import quickstart
+
+    import ppo
+
+    for size, updates in (("s", 24), ("m", 48), ("l", 48)):
+        c = quickstart.stage_commands(quickstart.Args(num_processes=1, size=size))[0]["ppo"]
+        episodes = int(c[c.index("--total_episodes") + 1])
+        assert episodes == ppo.EMBEDDED_EPISODES_BY_SIZE[size] == updates * ppo.PRESETS["embedded"].total_batch_size
