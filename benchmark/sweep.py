@@ -321,10 +321,19 @@ def env_for(args: Args, setup: bool = False) -> dict:
     return env
 
 
+# the file a stage writes last, by the prefix of its run name (metrics.json for the others): a sweep started again on
+# its folder skips every stage that finished, the rater round (minutes at l) and its preference set included
+DONE_FILES = {"feedback": "feedback.json", "fdata": "meta.json"}
+
+
+def done_file(name: str) -> str:
+    return DONE_FILES.get(name.split("_")[0], "metrics.json")
+
+
 def run_one(args: Args, name: str, argv: List[str]) -> bool:
     out = os.path.join(args.out_dir, name)
-    if name not in ("task", "data") and os.path.exists(os.path.join(out, "metrics.json")):
-        print(f"[skip] {name}: metrics.json exists", flush=True)
+    if name not in ("task", "data") and os.path.exists(os.path.join(out, done_file(name))):
+        print(f"[skip] {name}: {done_file(name)} exists", flush=True)
         return True
     os.makedirs(os.path.join(args.out_dir, "logs"), exist_ok=True)
     log_path = os.path.join(args.out_dir, "logs", f"{name}.log")

@@ -383,6 +383,23 @@ def test_sweep_timing_records_each_chains_seconds(tmp_path, monkeypatch):
     assert timing["chains_seconds"] >= timing["chain_seconds"]["sft_s_1"] + timing["chain_seconds"]["sft_s_2"] - 0.2
 
 
+def test_a_restarted_sweep_skips_every_finished_stage(tmp_path, monkeypatch):
+    """Started again on its folder, the sweep runs only the stages without their last-written file: the rater round
+    (feedback.json) and its preference set (meta.json) count as finished like the training stages (metrics.json)."""
+    args = sweep.Args(mode="embedded", sizes="s", seeds="1", out_dir=str(tmp_path))
+    _, (chain,) = sweep.plan(args)
+    names = [n for n, _ in chain]
+    assert names[:3] == ["sft_s_1", "feedback_s_1", "fdata_s_1"]
+    for name, marker in (("sft_s_1", "metrics.json"), ("feedback_s_1", "feedback.json"), ("fdata_s_1", "meta.json"),
+                         ("rm_s_1", "args.json")):  # the RM stopped before its metrics.json: it runs again
+        os.makedirs(tmp_path / name)
+        (tmp_path / name / marker).write_text("{}")
+    ran = []
+    monkeypatch.setattr(sweep.subprocess, "call", lambda argv, **kw: ran.append(argv) or 0)
+    assert sweep.run_chain(args, chain)
+    assert len(ran) == len(names) - 3 and "reward.py" in ran[0]
+
+
 def test_claims_share_chains_between_sweep_processes(tmp_path, monkeypatch):
     """--claim: a chain already claimed by another sweep process (file in claims/) is skipped, others run."""
     args = sweep.Args(mode="embedded", sizes="s", seeds="1,2", stages="sft", claim=True, out_dir=str(tmp_path / "c"),
