@@ -190,7 +190,7 @@ def test_embedded_plan_chains_paths_and_seeds(tmp_path):
         # no shrink unless asked for: every stage trains with its embedded preset, as in the quickstart
         assert "num_train_pairs" not in f[f"rm_{size}_{seed}"]
         # PPO's episodes by size, the ones quickstart.py passes (ppo.py's EMBEDDED_EPISODES_BY_SIZE)
-        assert int(ppo["total_episodes"]) == {"s": 768, "m": 1536, "l": 1536, "xl": 1536}[size]
+        assert int(ppo["total_episodes"]) == {"s": 1024, "m": 768, "l": 1536, "xl": 1536}[size]
         assert "num_train_pairs" not in f[f"dpo_{size}_{seed}"]
         assert f[f"judge_ppo_{size}_{seed}"]["judge"] == "gold"
         # the reward model's step by size, the one quickstart.py passes (reward.py's EMBEDDED_LR_BY_SIZE)

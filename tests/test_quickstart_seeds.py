@@ -223,13 +223,13 @@ def test_quickstart_seed_varies_training_not_the_task():
 
 
 def test_quickstart_passes_ppos_episodes_by_size():
-    """PPO trains ppo.py's EMBEDDED_EPISODES_BY_SIZE for --size (s: 24 updates of 32 episodes, m and l: 48)."""
+    """PPO trains ppo.py's EMBEDDED_EPISODES_BY_SIZE for --size (s: 32 updates of 32 episodes, m: 24, l: 48)."""
     sys.path.insert(0, ROOT)
     import quickstart
 
     import ppo
 
-    for size, updates in (("s", 24), ("m", 48), ("l", 48)):
+    for size, updates in (("s", 32), ("m", 24), ("l", 48)):
         c = quickstart.stage_commands(quickstart.Args(num_processes=1, size=size))[0]["ppo"]
         episodes = int(c[c.index("--total_episodes") + 1])
         assert episodes == ppo.EMBEDDED_EPISODES_BY_SIZE[size] == updates * ppo.PRESETS["embedded"].total_batch_size
