@@ -134,7 +134,7 @@ def collect_quickstart(dirs: List[str]):
     """The same runs[stage][size][seed] from quickstart.py output folders (size and seed from each summary.json),
     and their timing: the summed wall seconds and the machines named by the summaries."""
     runs: Dict[str, Dict[str, Dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
-    wall, machines = 0.0, []
+    wall, machines, task_seeds = 0.0, [], set()
     for d in dirs:
         summary = read_json(os.path.join(d, "summary.json"))
         if summary is None or "size" not in summary or "seed" not in summary:
@@ -147,10 +147,11 @@ def collect_quickstart(dirs: List[str]):
             if entry:
                 runs[stage][size][seed] = entry
         wall += float(summary.get("wall_seconds") or 0.0)
+        task_seeds.add(summary.get("task_seed", seed))  # before --task_seed, a run's task came from its seed
         if summary.get("machine") and summary["machine"] not in machines:
             machines.append(summary["machine"])
     return runs, {"wall_seconds": round(wall, 1), "machine": "; ".join(machines) or None,
-                  "source": "quickstart.py runs (each seed builds its own task data and base model)", "runs": list(dirs)}
+                  "source": f"quickstart.py runs (each builds its task: task seeds {sorted(task_seeds)})", "runs": list(dirs)}
 
 
 def values(runs, stage: str, size: str, key: str) -> List[float]:
@@ -619,7 +620,7 @@ def collect_seed_files(files: List[str]):
         if d.get("machine") and d["machine"] not in machines:
             machines.append(d["machine"])
     return runs, {"wall_seconds": round(wall, 1), "machine": "; ".join(machines) or None,
-                  "source": "benchmark/quickstart_seeds.py files (quickstart.py runs: each seed builds its own task data and base model)",
+                  "source": "benchmark/quickstart_seeds.py files (quickstart.py runs, each with its own task build)",
                   "runs": list(files)}
 
 

@@ -489,7 +489,8 @@ def test_report_reads_quickstart_folders(tmp_path):
     assert m["rm_val_accuracy_mean"] == pytest.approx(0.665) and m["ppo_vs_sft_ci_low"] == pytest.approx([-0.01, 0.0])
     assert m["ppo_win_rate_mean"] == pytest.approx(0.515) and m["final_kl_mean"] == pytest.approx(3.5)
     assert js["wall_seconds"] == pytest.approx(2 * 101 + 2 * 102) and js["machine"] == "box1; box2"
-    assert js["runs"] == dirs and "quickstart" in js["source"]
+    # summaries without task_seed predate --task_seed: each run's task came from its own seed
+    assert js["runs"] == dirs and "quickstart" in js["source"] and "task seeds [1, 2]" in js["source"]
     assert js["ppo_minus_sft_by_length_bin"] == pytest.approx([0.1 + 0.01 * b for b in range(10)])
     with pytest.raises(ValueError, match="appears twice"):
         report.collect_quickstart(dirs + [dirs[0]])
