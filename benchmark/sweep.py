@@ -18,6 +18,7 @@ A stage whose metrics.json already exists is skipped (rerun the same command to 
 """
 
 import dataclasses
+import importlib
 import json
 import os
 import platform
@@ -64,20 +65,11 @@ EMBEDDED_SIZES = ("s", "m", "l", "xl")  # size order; the sweep runs s, m, l unl
 EMBEDDED_DEFAULT_SIZES = ("s", "m", "l")
 
 
-def embedded_rm_lr(size: str) -> float:
-    """The embedded reward model's learning rate for a size: reward.py's EMBEDDED_LR_BY_SIZE, as in quickstart.py."""
+def embedded_by_size(script: str, table: str, size: str):
+    """A stage script's per-size value of its embedded preset, the one quickstart.py passes: reward.py's
+    EMBEDDED_LR_BY_SIZE (the RM's learning rate), ppo.py's EMBEDDED_EPISODES_BY_SIZE."""
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import reward
-
-    return reward.EMBEDDED_LR_BY_SIZE[size]
-
-
-def embedded_ppo_episodes(size: str) -> int:
-    """The embedded PPO episodes for a size: ppo.py's EMBEDDED_EPISODES_BY_SIZE, as in quickstart.py."""
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import ppo
-
-    return ppo.EMBEDDED_EPISODES_BY_SIZE[size]
+    return getattr(importlib.import_module(script), table)[size]
 
 
 @dataclass
@@ -241,7 +233,7 @@ def embedded_commands(args: Args, size: str, seed: int, stages: List[str]) -> Li
     if "rm" in stages:
         cmds.append((run_name("rm", size, seed), [py, "reward.py", "--preset", "embedded", "--base_model",
                      os.path.join(task, f"base-{size}"), "--sft_model_path", d["sft"], "--output_dir", d["rm"], *rl_common,
-                     "--lr", str(embedded_rm_lr(size)),
+                     "--lr", str(embedded_by_size("reward", "EMBEDDED_LR_BY_SIZE", size)),
                      # also scored on the task's generated comparisons: the same pairs for every size and seed
                      *(["--fixed_val_dataset_path", data] if "feedback" in stages else []),
                      *opt("--num_train_pairs", args.rm_train_pairs), *opt("--num_val_pairs", args.rm_val_pairs), *bf16,
@@ -250,8 +242,8 @@ def embedded_commands(args: Args, size: str, seed: int, stages: List[str]) -> Li
     if "ppo" in stages:
         cmds.append((run_name("ppo", size, seed), [py, "ppo.py", "--preset", "embedded", "--sft_model_path", d["sft"],
                      "--reward_model_path", d["rm"], "--output_dir", d["ppo"], *rl_common,
-                     "--total_episodes", str(args.ppo_total_episodes or embedded_ppo_episodes(size)), "--save_every", "0", "--no-save-model",
-                     "--num_threads", str(args.threads), *bf16]))
+                     "--total_episodes", str(args.ppo_total_episodes or embedded_by_size("ppo", "EMBEDDED_EPISODES_BY_SIZE", size)),
+                     "--save_every", "0", "--no-save-model", "--num_threads", str(args.threads), *bf16]))
     judge = lambda cand, out: [py, "eval_gpt_judge.py", "--preset", "embedded", "--judge", "gold",  # noqa: E731
                                "--gold_task_dir", task, "--samples", os.path.join(cand, "eval_samples.jsonl"),
                                "--compare_samples", os.path.join(d["sft"], "eval_samples.jsonl"),
