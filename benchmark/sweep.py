@@ -14,7 +14,8 @@ One small wrapper, not a framework. Two modes:
 
 Output folders: {out_dir}/{stage}_{model}_{seed} (sft_1b_44413, rm_1b_44413, ppo_1b_44413, judge_ppo_1b_44413,
 dpo_1b_44413, judge_dpo_1b_44413), so every stage finds its inputs and benchmark/report.py finds all of them.
-A stage whose metrics.json already exists is skipped (rerun the same command to resume a sweep).
+A stage whose last-written file (metrics.json; feedback.json and meta.json for the rater round and its preference
+set) already exists is skipped (rerun the same command to resume a sweep).
 """
 
 import dataclasses
@@ -68,7 +69,9 @@ EMBEDDED_DEFAULT_SIZES = ("s", "m", "l")
 def embedded_by_size(script: str, table: str, size: str):
     """A stage script's per-size value of its embedded preset, the one quickstart.py passes: reward.py's
     EMBEDDED_LR_BY_SIZE (the RM's learning rate), ppo.py's EMBEDDED_EPISODES_BY_SIZE."""
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if root not in sys.path:
+        sys.path.insert(0, root)
     return getattr(importlib.import_module(script), table)[size]
 
 
@@ -324,8 +327,9 @@ def done_file(name: str) -> str:
 
 def run_one(args: Args, name: str, argv: List[str]) -> bool:
     out = os.path.join(args.out_dir, name)
-    if name not in ("task", "data") and os.path.exists(os.path.join(out, done_file(name))):
-        print(f"[skip] {name}: {done_file(name)} exists", flush=True)
+    done = done_file(name)
+    if name not in ("task", "data") and os.path.exists(os.path.join(out, done)):
+        print(f"[skip] {name}: {done} exists", flush=True)
         return True
     os.makedirs(os.path.join(args.out_dir, "logs"), exist_ok=True)
     log_path = os.path.join(args.out_dir, "logs", f"{name}.log")
