@@ -455,6 +455,30 @@ def table_markdown(runs) -> str:
     return "\n".join(lines)
 
 
+def seed_table_markdown(runs) -> str:
+    """One row per size and seed: the gold win rates, PPO's paired gain over SFT with its 95% CI, the RM on its own
+    and on the fixed pairs, its gold near-miss probe and PPO's final KL, each read from that seed's metrics.json."""
+    def get(stage, s, seed, key, fmt="{:.3f}"):
+        v = runs.get(stage, {}).get(s, {}).get(seed, {}).get("metrics", {}).get(key)
+        return fmt.format(v) if finite(v) else "-"
+
+    lines = ["| size | seed | SFT | PPO | PPO - SFT (paired 95% CI) | DPO | RM own pairs / fixed pairs | RM near misses "
+             "| final KL |", "|---|---|---|---|---|---|---|---|---|"]
+    sizes = sorted({s for st in runs.values() for s in st}, key=size_key)
+    for s in sizes:
+        for seed in sorted(runs.get("judge_ppo", {}).get(s, {})):
+            m = runs["judge_ppo"][s][seed]["metrics"]
+            gain = (f"{m['diff_win_rate']:+.3f} ({m['diff_win_rate_ci_low']:+.3f}..{m['diff_win_rate_ci_high']:+.3f})"
+                    if all(finite(m.get(k)) for k in ("diff_win_rate", "diff_win_rate_ci_low", "diff_win_rate_ci_high"))
+                    else "-")
+            lines.append(f"| {s} | {seed} | {get('judge_ppo', s, seed, 'compare_win_rate')} | "
+                         f"{get('judge_ppo', s, seed, 'win_rate')} | {gain} | {get('judge_dpo', s, seed, 'win_rate')} | "
+                         f"{get('rm', s, seed, 'val_accuracy')} / {get('rm', s, seed, 'val_fixed_accuracy')} | "
+                         f"{get('rm', s, seed, 'gold_near_miss_accuracy', '{:.2f}')} | "
+                         f"{get('ppo', s, seed, 'final_kl', '{:.2f}')} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def pooled_bin_rates(runs, stage: str, prefix: str, edges: np.ndarray):
     """Per common bin, (wins, count) summed over every size and seed of `stage`'s judge runs."""
     wins, counts = np.zeros(len(edges) - 1), np.zeros(len(edges) - 1)
@@ -653,7 +677,7 @@ def main(args: Args) -> None:
     for p in written:
         print("wrote", p)
     if args.table:
-        write_table(args.table, table, args)
+        write_table(args.table, table, args, seed_table_markdown(runs))
         print("wrote", args.table)
     if args.json_out:
         os.makedirs(os.path.dirname(args.json_out) or ".", exist_ok=True)
@@ -669,10 +693,12 @@ def main(args: Args) -> None:
 START, END = "<!-- table:start (benchmark/report.py) -->", "<!-- table:end -->"
 
 
-def write_table(path: str, table: str, args: Args) -> None:
+def write_table(path: str, table: str, args: Args, seeds: str = "") -> None:
     """Write the table between the markers of `path`, keeping the hand-written text around them."""
     settings = read_json(os.path.join(args.sweep_dir, "sweep_args.json"))
     block = f"{START}\n{table}\n\nMean ± std over seeds ({args.title}).\n"
+    if seeds:
+        block += f"\nPer seed (each run's metrics.json):\n\n{seeds}\n\n"
     source = args.seed_files or args.quickstart_runs
     if source:
         block += f"From quickstart.py runs (each seed with its own task data and base model): `{source}`\n"

@@ -273,7 +273,8 @@ def write_fake_sweep(root, sizes=("s", "m", "l"), seeds=(1, 2, 3)):
             dump(f"ppo_{size}_{seed}", {"gold_win_rate": 0.4 + 0.1 * i, "final_kl": 2.0 + seed}, hist)
             judge = {"win_rate": 0.4 + 0.1 * i + 0.01 * seed, "compare_win_rate": 0.25 + 0.05 * i, "h2h_win_rate": 0.6,
                      "mean_candidate_token_len": 40.0, "compare_mean_candidate_token_len": 30.0,
-                     "diff_win_rate": 0.15 + 0.01 * seed, "diff_win_rate_ci_low": 0.01 * seed - 0.02}
+                     "diff_win_rate": 0.15 + 0.01 * seed, "diff_win_rate_ci_low": 0.01 * seed - 0.02,
+                     "diff_win_rate_ci_high": 0.3}
             for b in range(10):
                 lo = -1 + 0.2 * b
                 for p, wr in (("", 0.3 + 0.04 * b), ("compare_", 0.2 + 0.03 * b)):
@@ -305,8 +306,13 @@ def test_report_on_fake_sweep(tmp_path):
     assert [summary["sizes"][s]["rm_val_label_agreement_mean"] for s in "sml"] == pytest.approx([0.75, 0.72, 0.69])
     text = table_path.read_text()
     assert text.startswith("# Results\n\nintro") and text.rstrip().endswith("analysis") and "STALE-TABLE" not in text
-    rows = {ln.split("|")[1].strip(): ln for ln in text.splitlines() if ln.startswith("| ") and not ln.startswith("| size")}
+    means, per_seed = text.split("Per seed")
+    rows = {ln.split("|")[1].strip(): ln for ln in means.splitlines() if ln.startswith("| ") and not ln.startswith("| size")}
     assert list(rows) == ["s", "m", "l"]
+    # one row per size and seed, each from that seed's own metrics.json (l seed 2: RM 0.6 + 0.10 + 0.02, KL 2 + 2)
+    seed_rows = [ln for ln in per_seed.splitlines() if ln.startswith("| ") and not ln.startswith("| size")]
+    assert [tuple(c.strip() for c in ln.split("|")[1:3]) for ln in seed_rows] == [(s, str(k)) for s in "sml" for k in (1, 2, 3)]
+    assert seed_rows[7] == "| l | 2 | 0.350 | 0.620 | +0.170 (+0.000..+0.300) | - | 0.720 / - | - | 4.00 |"
     # RM accuracy for size m: 0.65 + 0.01 * seed -> mean 0.67, std sqrt(2/3)*0.01
     assert "0.670 ± 0.008" in rows["m"]
     assert "3/3/3/3" in rows["l"]
