@@ -1172,8 +1172,8 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int, out_dir: str):
 # and its same-size RM could not check them, so PPO gained +0.127 +- 0.050 (sweep seeds 1-3). With heads of 32 the
 # duration is copied right, SFT 0.41 / 0.14 / 0.43, PPO 0.615 / 0.570 / 0.755 (docs/embedded_task.md, 2026-12-07 night).
 # m has three heads of 32 (not four of 24), so every size has 32-wide heads: with heads of 24 m's PPO ended at s's level
-# (0.680 against 0.683, sweep seeds 1-3), with heads of 32 at 0.815 / 0.815 on seeds 1-2 (against 0.645 / 0.785), SFT
-# 0.470 / 0.475 (0.395 / 0.460) and a 17% shorter chain; the same 0.78M parameters (docs/embedded_task.md).
+# (0.680 against 0.683, sweep seeds 1-3), with heads of 32 at 0.820 +- 0.007 (SFT 0.447 against 0.425), between s and
+# l (0.915); the same 0.78M parameters, a shorter chain (docs/embedded_task.md, 2026-12-08).
 MODEL_SIZES = {  # hidden, layers, heads, pretraining steps (of 8 x 256 tokens), learning rate
     "s": dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=2, steps=1000, lr=3e-3),
     "m": dict(hidden_size=96, num_hidden_layers=4, num_attention_heads=3, steps=1000, lr=3e-3),
